@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="thanora_ds",
+    version="0.1.0",
+    description="ThanoRA multi-task LoRA fine-tuning of LLaMA/LLaVA models on DeepSpeed ZeRO-3",
+    packages=find_packages(include=["thanora_ds", "thanora_ds.*"]),
+    python_requires=">=3.10",
+    # torch is left unpinned on purpose: GPU users keep their CUDA build; setup.sh pins the CPU wheel.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "tqdm>=4.66",
+        "tensorboard>=2.15",
+        "pyyaml>=6.0",
+        "matplotlib>=3.7",
+        "pillow>=10.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "peft>=0.13"],
+        "gpu": ["flash-attn>=2.5"],
+        "mpi": ["mpi4py>=3.1"],
+    },
+)
