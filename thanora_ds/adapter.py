@@ -1,0 +1,91 @@
+"""The ThanoRA adapter layer: one LoRA of rank r whose rank indices are partitioned into task slices.
+
+    A = [A_1; ...; A_T; A_c]        A_t: r_t x d_in   (rows)
+    B = [B_1, ..., B_T, B_c]        B_t: d_out x r_t  (columns)
+    y = W x + s * B A dropout(x),   s = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+Every sample flows through every block; the task split only matters to the initializer and to SPR. In mode
+``corda`` the frozen W is the residual W_res = W - s B_0 A_0 with (B_0, A_0) the initial blocks, kept here as
+buffers so that merge, export and resume can rebuild or undo it.
+
+SPR (``thanora_ds.spr``) is computed inside ``forward`` because that is where ZeRO-3 has gathered A and B:
+a loss term built there gets correct gradients on sharded parameters. Under activation checkpointing the
+forward runs again during backward; that re-run overwrites ``spr_value`` after the step's loss was already
+read, so the penalty enters the loss exactly once per forward pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .spr import spr_layer_penalty
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+class ThanoraLinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` (kept as ``base`` so module paths stay ``<name>.base.weight``)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0,
+                 block_sizes: Sequence[int] | None = None, in_features: int | None = None,
+                 out_features: int | None = None):
+        super().__init__()
+        self.base = base
+        # Under ZeRO-3 base.weight is a partitioned placeholder: callers pass the real shape (ds_shape).
+        self.in_features = in_features or base.in_features
+        self.out_features = out_features or base.out_features
+        self.rank = rank
+        self.alpha = alpha
+        self.rslora = rslora
+        self.scale = lora_scale(alpha, rank, rslora)
+        dtype = base.weight.dtype
+        self.lora_A = nn.Parameter(torch.zeros(rank, self.in_features, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.block_sizes = list(block_sizes) if block_sizes is not None else [rank]  # [r_1..r_T, r_c]
+        self.corda_A0: torch.Tensor | None = None
+        self.corda_B0: torch.Tensor | None = None
+        self.spr_options: dict | None = None  # set by enable_spr(); None = no penalty
+        self.spr_value: torch.Tensor | None = None
+
+    @property
+    def task_sizes(self) -> list[int]:
+        return self.block_sizes[:-1]
+
+    @property
+    def shared_rank(self) -> int:
+        return self.block_sizes[-1]
+
+    def set_block_sizes(self, task_sizes: Sequence[int], shared_rank: int) -> None:
+        sizes = [int(s) for s in task_sizes] + [int(shared_rank)]
+        if sum(sizes) != self.rank:
+            raise ValueError(f"block sizes {sizes} do not sum to the adapter rank {self.rank}")
+        self.block_sizes = sizes
+
+    def set_corda_residual(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Record the initial blocks whose product was subtracted from the base weight."""
+        self.register_buffer("corda_A0", a0.detach().clone(), persistent=True)
+        self.register_buffer("corda_B0", b0.detach().clone(), persistent=True)
+
+    def enable_spr(self, normalize: bool = True, terms: str = "both") -> None:
+        self.spr_options = {"normalize": normalize, "terms": terms}
+
+    def delta_weight(self) -> torch.Tensor:
+        """s B A (d_out x d_in), the update that merging adds to the (residual) base weight."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spr_options is not None and torch.is_grad_enabled() and len(self.task_sizes) > 1:
+            self.spr_value = spr_layer_penalty(self.lora_A, self.lora_B, self.task_sizes, **self.spr_options)
+        lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        return self.base(x) + self.scale * lora
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.rank}, blocks={self.block_sizes}, "
+                f"scale={self.scale:.4g}")

@@ -1,0 +1,158 @@
+"""Turn a `Record` into model inputs with the model's own chat template.
+
+Labels: only the assistant turns are learned (-100 elsewhere). The span of assistant turn k is
+found by rendering the conversation up to the turn before it with the generation prompt, and up
+to and including it, and tokenizing both: the tokens between the two lengths are the answer
+(with whatever end-of-turn tokens the template puts after it, so the model learns to stop). This
+works for any chat template without `{% generation %}` markers, provided the template renders
+each conversation prefix as a text prefix that tokenizes to a token prefix; that is checked for
+every record, never assumed.
+
+LLaVA: the processor's template renders `<image>` (one token), the tokenizer gives the labels on
+that unexpanded sequence, then the processor itself expands each image token to the number of
+features its vision tower yields; labels are carried over token by token (image tokens get
+-100), and the non-image tokens of both sequences are checked to be identical. Pixel values are
+not kept here: `ExampleList` computes them on access (as LLaVA's own lazy dataset does), so
+memory holds token ids only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import RecordProblem
+from .records import IMAGE_PLACEHOLDER, Record
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+class Encoder:
+    """Encodes records for one tokenizer (text models) or processor (LLaVA-style models)."""
+
+    def __init__(self, tokenizer=None, processor=None, max_length: int = 512):
+        if tokenizer is None and processor is None:
+            raise ValueError("build_multitask_data needs a tokenizer or a processor")
+        self.processor = processor
+        self.tokenizer = tokenizer if tokenizer is not None else processor.tokenizer
+        self.max_length = max_length
+        self.image_token_id: Optional[int] = None
+        if processor is not None:
+            self.image_token_id = getattr(processor, "image_token_id", None)
+            if self.image_token_id is None:
+                self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        renderer = processor if processor is not None and getattr(processor, "chat_template", None) else self.tokenizer
+        if not getattr(renderer, "chat_template", None):
+            raise ValueError("the tokenizer/processor has no chat_template; set one (Jinja) before building data")
+        self._renderer = renderer
+
+    # -- rendering -------------------------------------------------------------------------------
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if self.processor is not None and self._renderer is self.processor:
+            messages = [_as_parts(m) for m in messages]
+        text = self._renderer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return text if isinstance(text, str) else text[0]
+
+    def _tokenize(self, text: str) -> list[int]:
+        # the template already holds every special token it wants (BOS included, if any)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- encoding --------------------------------------------------------------------------------
+
+    def encode(self, rec: Record) -> Encoded:
+        """Input ids and labels for `rec`, truncated to max_length. Raises RecordProblem."""
+        if rec.images and self.processor is None:
+            raise RecordProblem("image", "record has images but no processor was given (text-only model?)")
+        msgs = rec.messages
+        full_text = self._render(msgs, add_generation_prompt=False)
+        ids = self._tokenize(full_text)
+        labels = [IGNORE_INDEX] * len(ids)
+        first_answer_field = None
+        for k, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            first_answer_field = first_answer_field or rec.field_of(k)
+            start = self._prefix_len(msgs[:k], True, full_text, ids, rec, k)
+            end = self._prefix_len(msgs[: k + 1], False, full_text, ids, rec, k) if k + 1 < len(msgs) else len(ids)
+            if end <= start:
+                raise RecordProblem(rec.field_of(k), "the chat template rendered this assistant turn as no tokens")
+            labels[start:end] = ids[start:end]
+        if rec.images:
+            ids, labels = self._expand_images(full_text, ids, labels, rec)
+        first_label = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
+        if first_label >= self.max_length:
+            raise RecordProblem(
+                first_answer_field,
+                f"the prompt alone is {first_label} tokens >= max_length {self.max_length}: no label would remain",
+            )
+        truncated = len(ids) > self.max_length
+        if truncated:
+            if self.image_token_id is not None and self.image_token_id in ids[self.max_length :]:
+                raise RecordProblem(
+                    "image",
+                    f"{len(ids)} tokens > max_length {self.max_length} and truncation would cut image tokens",
+                )
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return Encoded(ids, labels, truncated)
+
+    def _prefix_len(self, prefix_msgs, gen_prompt, full_text, full_ids, rec: Record, k: int) -> int:
+        text = self._render(prefix_msgs, add_generation_prompt=gen_prompt) if prefix_msgs or gen_prompt else ""
+        if not full_text.startswith(text):
+            raise RecordProblem(
+                rec.field_of(k),
+                "the chat template does not render this conversation's prefix as a prefix of the whole "
+                "(labels cannot be placed); use a prefix-stable template",
+            )
+        ids = self._tokenize(text) if text else []
+        if full_ids[: len(ids)] != ids:
+            raise RecordProblem(
+                rec.field_of(k),
+                "the conversation prefix tokenizes differently inside the whole text (token merge across "
+                "the turn boundary); labels cannot be placed",
+            )
+        return len(ids)
+
+    def _expand_images(self, full_text: str, ids: list[int], labels: list[int], rec: Record):
+        images = [_load_rgb(p) for p in rec.images]
+        out = self.processor(text=[full_text], images=images, add_special_tokens=False)
+        expanded = list(out["input_ids"][0])
+        tok = self.image_token_id
+        if [t for t in expanded if t != tok] != [t for t in ids if t != tok]:
+            raise RecordProblem("image", "the processor's token ids differ from the tokenizer's beyond image tokens")
+        it = iter(l for t, l in zip(ids, labels) if t != tok)
+        new_labels = [IGNORE_INDEX if t == tok else next(it) for t in expanded]
+        return expanded, new_labels
+
+
+def _as_parts(m: dict) -> dict:
+    """Message with `<image>` placeholders as content parts, the form processor templates expect."""
+    parts = []
+    for j, piece in enumerate(m["content"].split(IMAGE_PLACEHOLDER)):
+        if j > 0:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return {"role": m["role"], "content": parts}
+
+
+def _load_rgb(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def pixel_values_for(processor, image_paths: list[str]):
+    """Pixel values for the images of one example ([n_images, C, H, W] tensor)."""
+    images = [_load_rgb(p) for p in image_paths]
+    return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]

@@ -1,0 +1,114 @@
+"""Validation problems and the one exception that reports them.
+
+Data problems are collected, not raised one at a time: a user fixing a 50k-record file wants every
+bad record listed in one run, each with the file, the line (JSONL) or record number (JSON array),
+the record id when it has one, and the field at fault. `ProblemLog` is the collector; it keeps the
+first `max_errors` problems in full and only counts the rest, so a completely wrong file cannot
+flood memory or the terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+logger = logging.getLogger("thanora_ds.data")
+
+NO_TASK = "<no task>"  # bucket for skipped records whose task could not be read
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One invalid record (or file).
+
+    `line` is the 1-based line in a JSONL file; `record` the 1-based record number (for JSON
+    arrays, where lines mean nothing). `field` uses a JSONPath-like spelling,
+    e.g. ``conversations[3].value``.
+    """
+
+    file: str
+    message: str
+    field: Optional[str] = None
+    line: Optional[int] = None
+    record: Optional[int] = None
+    record_id: Optional[str] = None
+    task: Optional[str] = None
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}"
+        elif self.record is not None:
+            where += f" record {self.record}"
+        if self.record_id is not None:
+            where += f" (id={self.record_id!r})"
+        what = f"field '{self.field}': " if self.field else ""
+        return f"{where}: {what}{self.message}"
+
+
+class DataValidationError(ValueError):
+    """Raised before any model is loaded when the data has problems.
+
+    `problems` holds the first `max_errors` problems; `total` counts all of them.
+    """
+
+    def __init__(self, problems: list[Problem], total: Optional[int] = None, hint: str = ""):
+        self.problems = list(problems)
+        self.total = len(self.problems) if total is None else total
+        lines = [f"{self.total} problem(s) in the training data:"]
+        lines += [f"  - {p}" for p in self.problems]
+        if self.total > len(self.problems):
+            lines.append(f"  ... and {self.total - len(self.problems)} more (raise data.max_errors to list them)")
+        if hint:
+            lines.append(hint)
+        super().__init__("\n".join(lines))
+
+
+class RecordProblem(Exception):
+    """Raised inside per-record checks; the caller adds file/line/id and files it as a Problem."""
+
+    def __init__(self, field: Optional[str], message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class ProblemLog:
+    """Collects problems up to a cap and counts them per task."""
+
+    max_errors: int = 50
+    problems: list[Problem] = field(default_factory=list)
+    total: int = 0
+    per_task: Counter = field(default_factory=Counter)
+
+    def add(self, problem: Problem) -> None:
+        self.total += 1
+        self.per_task[problem.task or NO_TASK] += 1
+        if len(self.problems) < self.max_errors:
+            self.problems.append(problem)
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    def finish(self, skip_invalid: bool) -> dict[str, int]:
+        """Raise (default) or log the per-task skip counts (skip_invalid); never stay silent."""
+        if not self.total:
+            return {}
+        if not skip_invalid:
+            raise DataValidationError(
+                self.problems, self.total, hint="Fix the records, or set data.skip_invalid: true to skip them."
+            )
+        counts = dict(sorted(self.per_task.items()))
+        logger.warning(
+            "skip_invalid: skipped %d invalid record(s); per task: %s",
+            self.total,
+            ", ".join(f"{t}={n}" for t, n in counts.items()),
+        )
+        for p in self.problems:
+            logger.warning("  skipped: %s", p)
+        if self.total > len(self.problems):
+            logger.warning("  ... and %d more", self.total - len(self.problems))
+        return counts

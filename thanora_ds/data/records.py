@@ -1,0 +1,346 @@
+"""Read the data files and check every record's structure, before any tokenizer or model exists.
+
+All three input formats are normalized to one `Record`: a list of chat messages
+(`{"role": "system"|"user"|"assistant", "content": str}`) plus image paths. Downstream code
+(tokenization, splits) then has a single shape to deal with, and the checks here are the ones
+that need no tokenizer; the length check comes later, in `encode.py`.
+
+Files are read with `datasets`' JSON loader (which handles JSON arrays, JSON Lines, mixed-type
+fields such as an `image` that is sometimes a string and sometimes a list, and streaming). It does
+not report line numbers, so a record's line is recovered only when a problem must be reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+from .config import DataConfig, SourceConfig
+from .errors import Problem, ProblemLog, RecordProblem
+
+IMAGE_PLACEHOLDER = "<image>"
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+CHAT_ROLES = {"system", "user", "assistant"}
+
+
+@dataclass
+class Record:
+    """One validated training conversation, whatever file format it came from."""
+
+    id: str
+    task: str
+    messages: list[dict[str, str]]  # roles alternate user/assistant after an optional system turn
+    images: list[str] = field(default_factory=list)  # absolute paths, in placeholder order
+    source: str = ""  # file path
+    index: int = 0  # 0-based position of the record in its file
+    fields: dict[str, str] = field(default_factory=dict)  # message index -> original field name, for errors
+
+    def field_of(self, message_index: int) -> str:
+        return self.fields.get(str(message_index), f"messages[{message_index}]")
+
+
+@dataclass
+class LoadedRecords:
+    """What `load_records` returns: valid records grouped by task (tasks sorted), and skip counts."""
+
+    by_task: dict[str, list[Record]]
+    skipped: dict[str, int]
+    problems: ProblemLog
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.by_task)
+
+
+def load_records(cfg: DataConfig, *, _defer: bool = False) -> LoadedRecords:
+    """Read every source and check every record's structure (no tokenizer needed).
+
+    Raises `DataValidationError` listing all problems (up to `cfg.max_errors`) unless
+    `cfg.skip_invalid`, in which case invalid records are dropped and counted per task (logged).
+    `_defer` lets `build_multitask_data` merge these problems with the tokenizer-level ones
+    into a single report.
+    """
+    log = ProblemLog(cfg.max_errors)
+    lines = _LineIndex()
+    image_ok: dict[str, Optional[str]] = {}  # path -> None if readable, else the reason
+    by_task: dict[str, list[Record]] = {}
+    if not cfg.sources:
+        raise ValueError("data.sources is empty: no data file configured")
+    for src in cfg.sources:
+        for index, raw in _read_rows(src, cfg, log):
+            try:
+                rec = _to_record(raw, src, index, cfg, image_ok)
+            except RecordProblem as p:
+                task = src.task or (raw.get("task") if isinstance(raw.get("task"), str) else None)
+                log.add(_problem(src.path, index, raw.get("id"), p.field, p.message, task, lines))
+                continue
+            by_task.setdefault(rec.task, []).append(rec)
+    for name in cfg.tasks:
+        if name not in by_task:
+            log.add(Problem(file="<config>", field=f"tasks.{name}", message="task is configured but no valid record has it", task=name))
+    by_task = {t: by_task.get(t, []) for t in sorted(set(by_task) | set(cfg.tasks))}
+    out = LoadedRecords(by_task, {}, log)
+    if not _defer:
+        out.skipped = log.finish(cfg.skip_invalid)
+        out.by_task = {t: r for t, r in out.by_task.items() if r}
+    return out
+
+
+def problem_for(rec: Record, field: Optional[str], message: str) -> Problem:
+    """A Problem about an already-normalized record (used by the tokenizer-level checks)."""
+    return _problem(rec.source, rec.index, rec.id, field, message, rec.task, _LineIndex())
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_rows(src: SourceConfig, cfg: DataConfig, log: ProblemLog) -> Iterator[tuple[int, dict]]:
+    """Yield (index, row) from one file through `datasets`; file-level failures become Problems."""
+    import datasets
+
+    if not os.path.isfile(src.path):
+        log.add(Problem(file=src.path, message="data file not found", task=src.task))
+        return
+    datasets.disable_progress_bars()
+    try:
+        if cfg.streaming:
+            ds = datasets.load_dataset("json", data_files=src.path, split="train", streaming=True)
+        else:
+            ds = datasets.load_dataset("json", data_files=src.path, split="train")
+        rows = iter(ds)
+        index = 0
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            yield index, row
+            index += 1
+    except Exception as e:  # datasets/pyarrow parse errors carry no line; find it ourselves
+        log.add(Problem(file=src.path, message=_diagnose_unreadable(src.path, e), task=src.task))
+
+
+def _diagnose_unreadable(path: str, err: Exception) -> str:
+    """Explain why `datasets` could not read a file, with the first offending line if any."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as je:
+            return f"line {je.lineno}: not valid JSON ({je.msg})"
+        return f"could not be read as a JSON array of records ({type(err).__name__}: {err})"
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            return f"line {n}: blank line in a JSON Lines file (remove it)"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as je:
+            return f"line {n}: not valid JSON ({je.msg})"
+        if not isinstance(obj, dict):
+            return f"line {n}: a record must be a JSON object, got {type(obj).__name__}"
+    return f"could not be read ({type(err).__name__}: {err})"
+
+
+class _LineIndex:
+    """Maps a record index to its line in a JSONL file, read lazily and only for error reports
+    (the JSON loader skips blank lines, so index + 1 is not always the line)."""
+
+    def __init__(self):
+        self._cache: dict[str, Optional[list[int]]] = {}
+
+    def line(self, path: str, index: int) -> Optional[int]:
+        if path not in self._cache:
+            self._cache[path] = None
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    first = f.read(1)
+                    while first.isspace():
+                        first = f.read(1)
+                    if first != "[":  # JSON Lines
+                        f.seek(0)
+                        self._cache[path] = [n for n, l in enumerate(f, 1) if l.strip()]
+            except OSError:
+                pass
+        lines = self._cache[path]
+        return lines[index] if lines is not None and index < len(lines) else None
+
+
+def _problem(path, index, record_id, field, message, task, lines: _LineIndex) -> Problem:
+    line = lines.line(path, index)
+    return Problem(
+        file=path,
+        line=line,
+        record=None if line is not None else index + 1,
+        record_id=None if record_id is None else str(record_id),
+        field=field,
+        message=message,
+        task=task,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# normalization and structural checks
+
+
+def _to_record(raw: dict, src: SourceConfig, index: int, cfg: DataConfig, image_ok: dict) -> Record:
+    task = _task_of(raw, src, cfg)
+    fmt = src.format if src.format != "auto" else _detect_format(raw)
+    if fmt == "llava":
+        messages, fields = _llava_messages(raw)
+    elif fmt == "chat":
+        messages, fields = _chat_messages(raw)
+    else:
+        messages, fields = _prompt_response_messages(raw)
+    _check_turn_order(messages, fields)
+    images = _images_of(raw, src, cfg, image_ok) if fmt == "llava" else []
+    _check_placeholders(messages, fields, images, fmt)
+    rid = raw.get("id")
+    rid = str(rid) if rid is not None else f"{os.path.basename(src.path)}#{index + 1}"
+    return Record(rid, task, messages, images, src.path, index, fields)
+
+
+def _task_of(raw: dict, src: SourceConfig, cfg: DataConfig) -> str:
+    if src.task is not None:
+        task, where = src.task, "sources.task"
+    else:
+        task, where = raw.get("task"), "task"
+        if task is None:
+            raise RecordProblem("task", "missing task (give it in the record or in the source's `task`)")
+        if not isinstance(task, str) or not task.strip():
+            raise RecordProblem("task", f"task must be a non-empty string, got {task!r}")
+    if cfg.tasks and task not in cfg.tasks:
+        raise RecordProblem(where, f"unknown task {task!r}; data.tasks lists: {', '.join(sorted(cfg.tasks))}")
+    return task
+
+
+def _detect_format(raw: dict) -> str:
+    if raw.get("conversations") is not None:
+        return "llava"
+    if raw.get("messages") is not None:
+        return "chat"
+    if raw.get("prompt") is not None or raw.get("response") is not None:
+        return "prompt_response"
+    raise RecordProblem(
+        "conversations", "cannot tell the format: the record has none of 'conversations', 'messages', 'prompt'/'response'"
+    )
+
+
+def _llava_messages(raw: dict):
+    conv = raw.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise RecordProblem("conversations", "missing or empty (expected a list of {from, value} turns)")
+    messages, fields = [], {}
+    for i, turn in enumerate(conv):
+        f = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise RecordProblem(f, f"a turn must be an object, got {type(turn).__name__}")
+        who = turn.get("from")
+        if who not in LLAVA_ROLES:
+            raise RecordProblem(f"{f}.from", f"unknown role {who!r}; expected one of {sorted(LLAVA_ROLES)}")
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise RecordProblem(f"{f}.value", f"missing or not a string ({value!r})")
+        messages.append({"role": LLAVA_ROLES[who], "content": value})
+        fields[str(i)] = f"{f}.value"
+    return messages, fields
+
+
+def _chat_messages(raw: dict):
+    msgs = raw.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RecordProblem("messages", "missing or empty (expected a list of {role, content} messages)")
+    messages, fields = [], {}
+    for i, m in enumerate(msgs):
+        f = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RecordProblem(f, f"a message must be an object, got {type(m).__name__}")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise RecordProblem(f"{f}.role", f"unknown role {role!r}; expected one of {sorted(CHAT_ROLES)}")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise RecordProblem(f"{f}.content", f"missing or not a string ({content!r})")
+        messages.append({"role": role, "content": content})
+        fields[str(i)] = f"{f}.content"
+    return messages, fields
+
+
+def _prompt_response_messages(raw: dict):
+    prompt, response = raw.get("prompt"), raw.get("response")
+    if not isinstance(prompt, str):
+        raise RecordProblem("prompt", f"missing or not a string ({prompt!r})")
+    if response is None:
+        raise RecordProblem("response", "missing assistant turn (no response)")
+    if not isinstance(response, str):
+        raise RecordProblem("response", f"not a string ({response!r})")
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return messages, {"0": "prompt", "1": "response"}
+
+
+def _check_turn_order(messages: list[dict], fields: dict) -> None:
+    """Optional system turn, then user/assistant alternating, ending with a non-empty assistant
+    turn: what chat templates and the label masking both assume."""
+    start = 1 if messages[0]["role"] == "system" else 0
+    body = messages[start:]
+    if not any(m["role"] == "assistant" for m in body):
+        raise RecordProblem(fields.get(str(len(messages) - 1), "messages"), "missing assistant turn")
+    for j, m in enumerate(body):
+        i = start + j
+        want = "user" if j % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise RecordProblem(fields[str(i)], f"expected a {want} turn here, got {m['role']} (turns must alternate)")
+        if want == "assistant" and not m["content"].strip():
+            raise RecordProblem(fields[str(i)], "empty assistant turn")
+    if body[-1]["role"] != "assistant":
+        raise RecordProblem(fields[str(len(messages) - 1)], "missing assistant turn after the last user turn")
+
+
+def _images_of(raw: dict, src: SourceConfig, cfg: DataConfig, image_ok: dict) -> list[str]:
+    img = raw.get("image")
+    if img is None:
+        return []
+    names = [img] if isinstance(img, str) else img
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise RecordProblem("image", f"must be a path or a list of paths, got {img!r}")
+    folder = cfg.image_folder or os.path.dirname(os.path.abspath(src.path))
+    paths = []
+    for k, name in enumerate(names):
+        f = "image" if isinstance(img, str) else f"image[{k}]"
+        path = name if os.path.isabs(name) else os.path.join(folder, name)
+        if path not in image_ok:
+            image_ok[path] = _image_problem(path)
+        if image_ok[path]:
+            raise RecordProblem(f, f"{image_ok[path]}: {path}")
+        paths.append(path)
+    return paths
+
+
+def _image_problem(path: str) -> Optional[str]:
+    if not os.path.isfile(path):
+        return "image file not found"
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.verify()  # reads the whole file: catches truncated and corrupt images
+    except Exception as e:
+        return f"image unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def _check_placeholders(messages: list[dict], fields: dict, images: list[str], fmt: str) -> None:
+    counts = [m["content"].count(IMAGE_PLACEHOLDER) for m in messages]
+    for i, (m, c) in enumerate(zip(messages, counts)):
+        if c and m["role"] != "user":
+            raise RecordProblem(fields[str(i)], f"{IMAGE_PLACEHOLDER} placeholder outside a user turn")
+    if sum(counts) != len(images):
+        where = next((fields[str(i)] for i, c in enumerate(counts) if c), "image" if fmt == "llava" else fields["0"])
+        raise RecordProblem(
+            where,
+            f"{sum(counts)} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)"
+            + ("" if fmt == "llava" else f" (only the llava format carries images)"),
+        )

@@ -1,0 +1,204 @@
+"""Heterogeneity-aware subspace initialization (METHOD.md section 2): the maths, on plain tensors.
+
+Nothing here knows about models, hooks or ranks. The pipeline per target layer l and task t is
+
+    C_t = S_t / n_t                          (input second moment of task t's content tokens)
+    K_t = W (C_t + delta I)                  (spectrum="weighted", default; delta = 0.01 mean diag C_t)
+        or C_t alone                          (spectrum="covariance": eigen-decomposition, undamped)
+    sigma, V = spectrum of K_t
+    H_t = -sum_i p_i log p_i / log n,  p = sigma / sum sigma      (normalized spectral entropy)
+
+then, over all layers at once (scaled_softmax pools a scale per module type), ranks r_t^l by
+``allocate_ranks`` and blocks by ``orthogonal_task_rows`` (default) or ``corda_blocks``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+ALLOCATIONS = ("scaled_softmax", "softmax", "proportional", "uniform")
+SPECTRA = ("weighted", "covariance")
+DECOMP_DTYPE = torch.float64  # SVDs of d x d statistics: fp64 keeps step-0 equalities at 1e-6
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by ALL sequences, at least 1 (position 0, the attention
+    sink, is always excluded). Computed over every preview before sharding, so it is world-size free."""
+    if not sequences:
+        return 1
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    n = 0
+    while n < shortest and all(s[n] == first[n] for s in sequences):
+        n += 1
+    # A prefix covering a whole sequence would leave it with no content tokens: keep the last one.
+    return max(1, min(n, shortest - 1))
+
+
+def damping(cov: torch.Tensor) -> float:
+    """delta = 0.01 * mean(diag C)."""
+    return 0.01 * float(cov.diagonal().mean())
+
+
+@dataclass
+class Spectrum:
+    """Decreasing spectrum of one (task, layer): ``sigma`` (n,), right vectors ``vh`` (k, d_in) as rows,
+    and for the weighted spectrum the left vectors ``u`` (d_out, k); ``k`` = how many leading vectors kept."""
+
+    sigma: torch.Tensor
+    vh: torch.Tensor
+    u: torch.Tensor | None = None
+
+
+def task_spectrum(weight: torch.Tensor, cov: torch.Tensor, spectrum: str = "weighted", keep: int | None = None) -> Spectrum:
+    """Spectrum of K = W (C + delta I) (``weighted``) or of C alone (``covariance``, eigenvalues)."""
+    if spectrum not in SPECTRA:
+        raise ValueError(f"thanora.spectrum must be one of {SPECTRA}, got {spectrum!r}")
+    cov = cov.to(DECOMP_DTYPE)
+    if spectrum == "covariance":
+        evals, evecs = torch.linalg.eigh(cov)
+        order = torch.argsort(evals, descending=True)
+        sigma = evals[order].clamp_min(0.0)
+        vh = evecs[:, order].T
+        u = None
+    else:
+        damped = cov + damping(cov) * torch.eye(cov.shape[0], dtype=cov.dtype)
+        u, sigma, vh = torch.linalg.svd(weight.to(DECOMP_DTYPE) @ damped, full_matrices=False)
+    if keep is not None:
+        vh = vh[:keep]
+        u = None if u is None else u[:, :keep]
+    return Spectrum(sigma=sigma, vh=vh, u=u)
+
+
+def normalized_spectral_entropy(sigma: torch.Tensor) -> float:
+    """H = -sum p_i log p_i / log n with p = sigma / sum(sigma); in [0, 1]; 0 for an all-zero spectrum."""
+    sigma = sigma.to(DECOMP_DTYPE).clamp_min(0.0)
+    n = sigma.numel()
+    total = sigma.sum()
+    if n < 2 or total <= 0:
+        return 0.0
+    p = sigma / total
+    plogp = torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))
+    return float(-plogp.sum() / math.log(n))
+
+
+def allocation_shares(entropy: torch.Tensor, module_types: Sequence[str], method: str, tau: float) -> torch.Tensor:
+    """Shares pi[l, t] (rows sum to 1) from entropies H[l, t] of L layers and T tasks.
+
+    scaled_softmax: softmax_t((H - mean_t H) / (tau * s_m)), s_m = RMS deviation pooled over layers of the same
+    module type m (so one tau suits q_proj and down_proj alike); softmax: softmax_t(H / tau);
+    proportional: H / sum_t H; uniform: 1/T. A larger tau always moves the shares towards uniform.
+    """
+    if method not in ALLOCATIONS:
+        raise ValueError(f"thanora.allocation must be one of {ALLOCATIONS}, got {method!r}")
+    h = entropy.to(DECOMP_DTYPE)
+    n_layers, n_tasks = h.shape
+    uniform = torch.full_like(h, 1.0 / n_tasks)
+    if method == "uniform":
+        return uniform
+    if method == "softmax":
+        return torch.softmax(h / tau, dim=1)
+    if method == "proportional":
+        total = h.sum(dim=1, keepdim=True)
+        return torch.where(total > 0, h / total.clamp_min(1e-300), uniform)
+    dev = h - h.mean(dim=1, keepdim=True)
+    shares = uniform.clone()
+    for m in sorted(set(module_types)):
+        rows = torch.tensor([i for i, t in enumerate(module_types) if t == m])
+        s_m = float(dev[rows].pow(2).mean().sqrt())
+        if s_m > 0:
+            shares[rows] = torch.softmax(dev[rows] / (tau * s_m), dim=1)
+    return shares
+
+
+def largest_remainder_ranks(shares: torch.Tensor, total: int, min_rank: int) -> list[int]:
+    """Integer ranks summing to ``total``: min_rank each, the rest split by ``shares`` with floors first, then
+    one more to the largest remainders (ties to the lower task index)."""
+    n_tasks = shares.numel()
+    spare = total - n_tasks * min_rank
+    if spare < 0:
+        raise ValueError(f"cannot give {n_tasks} tasks min_rank={min_rank} each from {total} task ranks")
+    exact = [float(s) * spare for s in shares]
+    ranks = [min_rank + int(math.floor(x)) for x in exact]
+    left = total - sum(ranks)
+    order = sorted(range(n_tasks), key=lambda t: (-(exact[t] - math.floor(exact[t])), t))
+    for t in order[:left]:
+        ranks[t] += 1
+    return ranks
+
+
+def allocate_ranks(
+    entropy: torch.Tensor,
+    module_types: Sequence[str],
+    task_rank_total: int,
+    method: str = "scaled_softmax",
+    tau: float = 3.0,
+    min_rank: int = 1,
+) -> list[list[int]]:
+    """r_t^l for every layer l (rows) and task t, each row summing to ``task_rank_total`` = r - r_c."""
+    shares = allocation_shares(entropy, module_types, method, tau)
+    return [largest_remainder_ranks(shares[l], task_rank_total, min_rank) for l in range(shares.shape[0])]
+
+
+def orthogonal_task_rows(spectra: Sequence[Spectrum], ranks: Sequence[int], gamma: float = 1.0, tol: float = 1e-6) -> torch.Tensor:
+    """Stacked A rows [A_1; ...; A_T] with A_i A_j^T = 0 for i != j, each task from its own top vectors.
+
+    Candidates (task t, index i < r_t) are visited in decreasing sigma_i / sigma_1 of their own task (ties:
+    lower task, then lower i) and Gram-Schmidt'ed against the rows already accepted; a candidate whose residual
+    norm falls under ``tol`` is replaced by its task's next unused singular vector. Rows are unit norm, then
+    scaled by gamma; the result keeps each task's rows in task order.
+    """
+    order = []
+    for t, (spec, r_t) in enumerate(zip(spectra, ranks)):
+        lead = float(spec.sigma[0]) if spec.sigma.numel() and float(spec.sigma[0]) > 0 else 1.0
+        order += [(-float(spec.sigma[i]) / lead if i < spec.sigma.numel() else 0.0, t, i) for i in range(r_t)]
+    order.sort()
+    next_unused = list(ranks)
+    accepted: list[torch.Tensor] = []
+    rows_of_task: list[list[torch.Tensor]] = [[] for _ in spectra]
+    for _, t, i in order:
+        candidate_index = i
+        while True:
+            vh = spectra[t].vh
+            if candidate_index >= vh.shape[0]:
+                raise ValueError(f"task {t} ran out of singular vectors while orthogonalizing its block")
+            v = vh[candidate_index].to(DECOMP_DTYPE)
+            for q in accepted:  # modified Gram-Schmidt, twice for stability
+                v = v - (q @ v) * q
+            for q in accepted:
+                v = v - (q @ v) * q
+            norm = float(v.norm())
+            if norm >= tol:
+                break
+            candidate_index = next_unused[t]
+            next_unused[t] += 1
+        q = v / norm
+        accepted.append(q)
+        rows_of_task[t].append(q)
+    rows = [torch.stack(r) for r in rows_of_task if r]
+    return gamma * torch.cat(rows) if rows else torch.zeros(0, spectra[0].vh.shape[1], dtype=DECOMP_DTYPE)
+
+
+def corda_blocks(weight: torch.Tensor, cov: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CorDA-style (B_t, A_t) of one task: with C' = C + delta I and W C' = U S V^T,
+    B_t = U_r sqrt(S_r / s), A_t = sqrt(S_r / s) V_r^T pinv(C'), so s B_t A_t = U_r S_r V_r^T pinv(C')."""
+    cov = cov.to(DECOMP_DTYPE)
+    damped = cov + damping(cov) * torch.eye(cov.shape[0], dtype=cov.dtype)
+    u, sigma, vh = torch.linalg.svd(weight.to(DECOMP_DTYPE) @ damped, full_matrices=False)
+    root = (sigma[:rank] / scale).sqrt()
+    b = u[:, :rank] * root
+    a = root[:, None] * (vh[:rank] @ torch.linalg.pinv(damped))
+    return b, a
+
+
+def warn_thin_tasks(token_counts: Sequence[int], tasks: Sequence[str], needed: int) -> None:
+    """A task with fewer preview tokens than ranks to fill still gets min_rank; say so."""
+    for name, n in zip(tasks, token_counts):
+        if n < needed:
+            warnings.warn(
+                f"HASI: task {name!r} has only {n} preview content tokens (< {needed}); its statistics are "
+                "rank-deficient and it keeps at least min_rank", stacklevel=2)

@@ -1,0 +1,110 @@
+"""Merge the adapters into the base weights (a plain Hugging Face model) and export them in PEFT LoRA format.
+
+    merged:  W' = W + s B A            (mode corda: W is already the residual W_res = W0 - s B_0 A_0)
+    PEFT:    (B, A) against the original base; mode corda: the rank-2r pair [B, -B_0] [A; A_0] with alpha
+             doubled (sqrt(2) x with rsLoRA) so the scale s is unchanged and no residual base is needed.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from .adapter import ThanoraLinear
+from .inject import multimodal_projector, thanora_modules
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + s B A, computed in fp32 (or wider) and returned in W's dtype."""
+    work = torch.promote_types(weight.dtype, torch.float32)
+    return (weight.to(work) + scale * (lora_B.to(work) @ lora_A.to(work))).to(weight.dtype)
+
+
+def peft_pair(lora_A: torch.Tensor, lora_B: torch.Tensor, a0: torch.Tensor | None, b0: torch.Tensor | None):
+    """The (A, B) PEFT stores against the ORIGINAL base: as is, or [A; A_0], [B, -B_0] for corda."""
+    if a0 is None:
+        return lora_A, lora_B
+    return torch.cat([lora_A, a0.to(lora_A.dtype)], 0), torch.cat([lora_B, -b0.to(lora_B.dtype)], 1)
+
+
+def peft_alpha(alpha: float, rslora: bool, corda: bool) -> float:
+    if not corda:
+        return alpha
+    return alpha * (math.sqrt(2) if rslora else 2.0)
+
+
+@torch.no_grad()
+def merge_into_base(model: nn.Module) -> nn.Module:
+    """Replace every ThanoraLinear by its base nn.Linear carrying W + s B A; the model is then exactly the
+    base architecture (same module tree and parameter names). In place; returns the model."""
+    for name, adapter in thanora_modules(model).items():
+        base = adapter.base
+        base.weight.copy_(merged_weight(base.weight, adapter.lora_A, adapter.lora_B, adapter.scale))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def save_merged(model: nn.Module, out_dir: str | Path, processor=None) -> None:
+    """Merge and ``save_pretrained`` as safetensors (with the tokenizer/processor when given)."""
+    merge_into_base(model)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if processor is not None:
+        processor.save_pretrained(out_dir)
+
+
+def peft_config(targets: list[str], rank: int, alpha: float, rslora: bool, dropout: float, base_path: str,
+                modules_to_save: list[str] | None, corda: bool) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_path,
+        "r": 2 * rank if corda else rank,
+        "lora_alpha": peft_alpha(alpha, rslora, corda),
+        "use_rslora": rslora,
+        "lora_dropout": dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": modules_to_save,
+    }
+
+
+def _peft_key(module_name: str, leaf: str) -> str:
+    return f"base_model.model.{module_name}.{leaf}"
+
+
+@torch.no_grad()
+def export_peft(model: nn.Module, out_dir: str | Path, base_path: str = "") -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by ``PeftModel.from_pretrained``
+    on the original base model (a trained projector goes in as a PEFT ``modules_to_save`` entry)."""
+    adapters = thanora_modules(model)
+    if not adapters:
+        raise ValueError("export_peft: the model has no ThanoRA adapters")
+    first: ThanoraLinear = next(iter(adapters.values()))
+    corda = first.corda_A0 is not None
+    tensors: dict[str, torch.Tensor] = {}
+    for name, adapter in adapters.items():
+        a, b = peft_pair(adapter.lora_A, adapter.lora_B, adapter.corda_A0, adapter.corda_B0)
+        tensors[_peft_key(name, "lora_A.weight")] = a.detach().contiguous().cpu()
+        tensors[_peft_key(name, "lora_B.weight")] = b.detach().contiguous().cpu()
+    modules_to_save = None
+    projector = multimodal_projector(model)
+    if projector is not None and any(p.requires_grad for p in projector.parameters()):
+        proj_name = next(n for n, m in model.named_modules() if m is projector)
+        modules_to_save = [proj_name.split(".")[-1]]
+        for pname, p in projector.named_parameters():
+            tensors[_peft_key(proj_name, pname)] = p.detach().contiguous().cpu()
+    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    cfg = peft_config(list(adapters), first.rank, first.alpha, first.rslora, dropout, base_path, modules_to_save, corda)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
