@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from .config import DataConfig, SourceConfig
-from .errors import Problem, ProblemLog, RecordProblem
+from .errors import DataValidationError, Problem, ProblemLog, RecordProblem
 
 IMAGE_PLACEHOLDER = "<image>"
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -77,14 +77,16 @@ def load_records(cfg: DataConfig, *, _defer: bool = False) -> LoadedRecords:
                 log.add(_problem(src.path, index, raw.get("id"), p.field, p.message, task, lines))
                 continue
             by_task.setdefault(rec.task, []).append(rec)
-    for name in cfg.tasks:
-        if name not in by_task:
-            log.add(Problem(file="<config>", field=f"tasks.{name}", message="task is configured but no valid record has it", task=name))
     by_task = {t: by_task.get(t, []) for t in sorted(set(by_task) | set(cfg.tasks))}
     out = LoadedRecords(by_task, {}, log)
     if not _defer:
         out.skipped = log.finish(cfg.skip_invalid)
-        out.by_task = {t: r for t, r in out.by_task.items() if r}
+        missing = [t for t in cfg.tasks if not by_task[t]]
+        if missing:  # skipping cannot fix a configured task that has no data
+            raise DataValidationError(
+                [Problem(file="<config>", field=f"tasks.{t}", message="configured task has no valid record", task=t) for t in missing]
+            )
+        out.by_task = {t: r for t, r in by_task.items() if r}
     return out
 
 

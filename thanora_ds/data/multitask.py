@@ -1,0 +1,146 @@
+"""`build_multitask_data`: records -> validated, tokenized, split per task.
+
+Everything that can be wrong with the data is found here, before any model is loaded: the
+structural checks of `records.py` and the length/template checks of `encode.py` go into one
+problem log, so the user sees a single report (or a single per-task skip count).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .config import DataConfig
+from .encode import Encoder, pixel_values_for
+from .errors import DataValidationError, Problem, RecordProblem
+from .records import load_records, problem_for
+from .sampler import MixtureSampler
+from .splits import split_indices
+
+logger = logging.getLogger("thanora_ds.data")
+
+
+@dataclass
+class _Item:
+    input_ids: list[int]
+    labels: list[int]
+    task_id: int
+    id: str
+    images: list[str]
+
+
+class ExampleList(Sequence):
+    """A split of one task. Items are dicts (`input_ids`, `labels`, `task_id`, `id`, and
+    `pixel_values` [n_images, C, H, W] when the record has images). Token ids are held in memory;
+    pixel values are computed on access from the image files, so a large image set costs no RAM."""
+
+    def __init__(self, items: list[_Item], processor=None):
+        self._items, self._processor = items, processor
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        it = self._items[i]
+        ex: dict[str, Any] = {
+            "input_ids": list(it.input_ids),
+            "labels": list(it.labels),
+            "task_id": it.task_id,
+            "id": it.id,
+        }
+        if it.images:
+            ex["pixel_values"] = pixel_values_for(self._processor, it.images)
+        return ex
+
+
+@dataclass
+class MultiTaskData:
+    """Tokenized data of all tasks. Task ids index `tasks` (sorted names)."""
+
+    tasks: list[str]
+    train: dict[str, ExampleList]
+    preview: dict[str, ExampleList]
+    eval: dict[str, ExampleList]
+    skipped: dict[str, int]
+    pad_token_id: int
+    config: DataConfig
+    truncated: dict[str, int] = field(default_factory=dict)  # per task, examples cut at max_length
+
+    @property
+    def task_sizes(self) -> list[int]:
+        """Train split sizes in task-id order (what `MixtureSampler` takes)."""
+        return [len(self.train[t]) for t in self.tasks]
+
+    def train_example(self, task_id: int, index: int) -> dict:
+        """The example a `MixtureSampler` draw `(task_id, index)` points to."""
+        return self.train[self.tasks[task_id]][index]
+
+    def make_sampler(self, rank: int = 0, world_size: int = 1) -> MixtureSampler:
+        """A sampler over the train splits with this config's mixing and seed."""
+        cfg = self.config
+        weights = [cfg.tasks[t].weight for t in self.tasks] if cfg.mixing == "weights" else None
+        return MixtureSampler(
+            self.task_sizes, cfg.mixing, cfg.temperature, weights, cfg.seed, rank, world_size
+        )
+
+
+def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> MultiTaskData:
+    """Read, validate (structure, then length with the real tokenizer) and tokenize all sources.
+
+    Raises `DataValidationError` listing every problem (up to `cfg.max_errors`), unless
+    `cfg.skip_invalid`, in which case invalid records are skipped and counted per task
+    (`.skipped`, and a logged warning).
+    """
+    loaded = load_records(cfg, _defer=True)
+    log = loaded.problems
+    encoder = Encoder(tokenizer, processor, cfg.max_length)
+    pad_id = encoder.tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before building data")
+
+    encoded: dict[str, list[_Item]] = {}
+    truncated: dict[str, int] = {}
+    names = [t for t, recs in loaded.by_task.items() if recs or t in cfg.tasks]
+    for task_id, task in enumerate(names):
+        items = encoded.setdefault(task, [])
+        for rec in loaded.by_task[task]:
+            try:
+                enc = encoder.encode(rec)
+            except RecordProblem as p:
+                log.add(problem_for(rec, p.field, p.message))
+                continue
+            truncated[task] = truncated.get(task, 0) + enc.truncated
+            items.append(_Item(enc.input_ids, enc.labels, task_id, rec.id, rec.images))
+    skipped = log.finish(cfg.skip_invalid)
+
+    empty = [t for t in names if not encoded[t]]
+    missing = [t for t in empty if t in cfg.tasks]
+    if missing:  # skipping cannot fix a configured task with no data
+        raise DataValidationError(
+            [Problem(file="<config>", field=f"tasks.{t}", message="configured task has no valid record", task=t) for t in missing]
+        )
+    if empty:
+        logger.warning("tasks with no valid record left after skipping, dropped: %s", ", ".join(empty))
+    tasks = [t for t in names if encoded[t]]
+    if not tasks:
+        raise DataValidationError([Problem(file="<config>", message="no valid record in any source")])
+    if len(tasks) != len(names):  # renumber task ids after dropping emptied tasks
+        for new_id, t in enumerate(tasks):
+            for it in encoded[t]:
+                it.task_id = new_id
+    for t, n in sorted(truncated.items()):
+        if n:
+            logger.info("task %s: %d example(s) truncated to max_length=%d", t, n, cfg.max_length)
+
+    train, preview, eval_ = {}, {}, {}
+    for t in tasks:
+        items = encoded[t]
+        tr, pv, ev = split_indices(len(items), t, cfg.seed, cfg.preview_samples, cfg.eval_samples)
+        train[t] = ExampleList([items[i] for i in tr], processor)
+        preview[t] = ExampleList([items[i] for i in pv], processor)
+        eval_[t] = ExampleList([items[i] for i in ev], processor)
+    return MultiTaskData(tasks, train, preview, eval_, skipped, pad_id, cfg, {t: n for t, n in truncated.items() if n})
