@@ -49,8 +49,9 @@ class ThanoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.block_sizes = list(block_sizes) if block_sizes is not None else [rank]  # [r_1..r_T, r_c]
-        self.corda_A0: torch.Tensor | None = None
-        self.corda_B0: torch.Tensor | None = None
+        # Set only in mode corda; None buffers stay out of the state dict.
+        self.register_buffer("corda_A0", None)
+        self.register_buffer("corda_B0", None)
         self.spr_options: dict | None = None  # set by enable_spr(); None = no penalty
         self.spr_value: torch.Tensor | None = None
 
@@ -70,8 +71,8 @@ class ThanoraLinear(nn.Module):
 
     def set_corda_residual(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
         """Record the initial blocks whose product was subtracted from the base weight."""
-        self.register_buffer("corda_A0", a0.detach().clone(), persistent=True)
-        self.register_buffer("corda_B0", b0.detach().clone(), persistent=True)
+        self.corda_A0 = a0.detach().clone()
+        self.corda_B0 = b0.detach().clone()
 
     def enable_spr(self, normalize: bool = True, terms: str = "both") -> None:
         self.spr_options = {"normalize": normalize, "terms": terms}

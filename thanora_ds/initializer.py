@@ -262,13 +262,16 @@ def _write_blocks(adapter: ThanoraLinear, index: int, ranks: list[int], cfg: Tha
         else:  # corda: each task's own top-r_t factors
             task_b = torch.cat([b[:, :r] for (b, _), r in zip(saved, ranks)], dim=1)
             task_a = torch.cat([a[:r] for (_, a), r in zip(saved, ranks)], dim=0)
-            b0, a0 = task_b.to(torch.float32), task_a.to(torch.float32)
         a_full = torch.cat([task_a.to(current_a.dtype), current_a[task_rows:]], dim=0)
         b_full = torch.cat([task_b.to(current_b.dtype), current_b[:, task_rows:]], dim=1)
+        if cfg.mode == "corda":
+            # (A_0, B_0) at full rank r with zero shared rows, so the PEFT export is exactly rank 2r
+            a0 = torch.cat([a_full[:task_rows], torch.zeros_like(a_full[task_rows:])]).to(torch.float32)
+            b0 = torch.cat([b_full[:, :task_rows], torch.zeros_like(b_full[:, task_rows:])], 1).to(torch.float32)
     D.write_param(adapter.lora_A, a_full, src=owner)
     D.write_param(adapter.lora_B, b_full, src=owner)
     if cfg.mode == "corda":
-        shape_b, shape_a = (adapter.out_features, task_rows), (task_rows, adapter.in_features)
+        shape_b, shape_a = (adapter.out_features, adapter.rank), (adapter.rank, adapter.in_features)
         b0 = D.broadcast_(b0 if D.rank() == owner else torch.empty(shape_b), owner)
         a0 = D.broadcast_(a0 if D.rank() == owner else torch.empty(shape_a), owner)
         subtract_corda_residual(adapter, a0, b0)
