@@ -184,3 +184,31 @@ def test_bad_configs_fail_before_any_work_naming_the_key(kwargs, num_tasks, key)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         inject_thanora(model, ThanoraConfig(**kwargs), num_tasks)
     assert [n for n, _ in model.named_modules()] == before  # nothing was injected
+
+
+def test_spr_under_activation_checkpointing_counted_once_with_correct_gradients():
+    cfg = ThanoraConfig(rank=8, alpha=16, dropout=0.0, spr_lambda=0.5, spr_normalize=False)
+    model, _, adapters, _, batches = setup(cfg)
+    with torch.no_grad():
+        for ad in adapters.values():
+            ad.lora_B.normal_(0, 0.1)
+            ad.lora_A.add_(0.05 * torch.randn_like(ad.lora_A))
+    twin = copy.deepcopy(model)
+    twin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = batches[0][0]
+    results = []
+    for m in (model, twin):
+        m.train()
+        task_loss = m(**forward_batch(batch), labels=batch["labels"]).loss
+        spr = spr_loss(thanora_modules(m).values())
+        (task_loss + 0.5 * spr).backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+        results.append((task_loss.item(), spr.item(), grads))
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-6) and results[0][1] > 0
+    for n, g in results[0][2].items():
+        torch.testing.assert_close(results[1][2][n], g, atol=1e-6, rtol=1e-5)
+    # the penalty's own gradient reaches A and B: without it the gradients differ
+    model.zero_grad()
+    model(**forward_batch(batch), labels=batch["labels"]).loss.backward()
+    name = next(iter(results[0][2]))
+    assert not torch.allclose(model.get_parameter(name).grad, results[0][2][name])
