@@ -294,7 +294,8 @@ def _check_turn_order(messages: list[dict], fields: dict) -> None:
         i = start + j
         want = "user" if j % 2 == 0 else "assistant"
         if m["role"] != want:
-            raise RecordProblem(fields[str(i)], f"expected a {want} turn here, got {m['role']} (turns must alternate)")
+            article = "an" if want == "assistant" else "a"
+            raise RecordProblem(fields[str(i)], f"expected {article} {want} turn here, got {m['role']} (turns must alternate)")
         if want == "assistant" and not m["content"].strip():
             raise RecordProblem(fields[str(i)], "empty assistant turn")
     if body[-1]["role"] != "assistant":
