@@ -172,3 +172,12 @@ def test_collate_right_pads_and_masks(tmp_path, tok):
     assert b["labels"][0, :n0].tolist() == exs[0]["labels"]
     assert b["task_ids"].tolist() == [0, 1] and b["task_ids"].dtype == torch.long
     assert "pixel_values" not in b
+
+
+def test_streaming_reads_the_same_examples(tmp_path, tok):
+    rows = [{"prompt": f"Add {i} and 3.", "response": str(i + 3), "task": "add" if i % 2 else "say"} for i in range(12)]
+    a = build(tmp_path, rows, tokenizer=tok)
+    b = build(tmp_path, rows, tokenizer=tok, streaming=True)
+    for split in ("train", "preview", "eval"):
+        for t in a.tasks:
+            assert list(getattr(a, split)[t]) == list(getattr(b, split)[t])

@@ -57,7 +57,9 @@ class DataConfig:
     temperature: float = 2.0  # p_t proportional to n_t ** (1 / temperature)
     skip_invalid: bool = False
     max_errors: int = 50  # problems listed in one DataValidationError (all are counted)
-    streaming: bool = False  # iterate JSONL files instead of building an Arrow cache copy
+    # read files as a stream instead of first converting them to a cached Arrow copy on disk; the
+    # validated records and token ids are still held in memory (splits need every record)
+    streaming: bool = False
 
     def __post_init__(self):
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from .config import DataConfig
 from .encode import Encoder, pixel_values_for
 from .errors import DataValidationError, Problem, RecordProblem
-from .records import load_records, problem_for
+from .records import line_index, load_records, problem_for
 from .sampler import MixtureSampler
 from .splits import split_indices
 
@@ -102,6 +102,7 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before building data")
 
+    lines = line_index()
     encoded: dict[str, list[_Item]] = {}
     truncated: dict[str, int] = {}
     names = [t for t, recs in loaded.by_task.items() if recs or t in cfg.tasks]
@@ -111,7 +112,7 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
             try:
                 enc = encoder.encode(rec)
             except RecordProblem as p:
-                log.add(problem_for(rec, p.field, p.message))
+                log.add(problem_for(rec, p.field, p.message, lines))
                 continue
             truncated[task] = truncated.get(task, 0) + enc.truncated
             items.append(_Item(enc.input_ids, enc.labels, task_id, rec.id, rec.images))

@@ -90,9 +90,14 @@ def load_records(cfg: DataConfig, *, _defer: bool = False) -> LoadedRecords:
     return out
 
 
-def problem_for(rec: Record, field: Optional[str], message: str) -> Problem:
-    """A Problem about an already-normalized record (used by the tokenizer-level checks)."""
-    return _problem(rec.source, rec.index, rec.id, field, message, rec.task, _LineIndex())
+def problem_for(rec: Record, field: Optional[str], message: str, lines: Optional["_LineIndex"] = None) -> Problem:
+    """A Problem about an already-normalized record (used by the tokenizer-level checks); pass
+    one `line_index()` for many calls so each file is scanned once."""
+    return _problem(rec.source, rec.index, rec.id, field, message, rec.task, lines or _LineIndex())
+
+
+def line_index() -> "_LineIndex":
+    return _LineIndex()
 
 
 # ----------------------------------------------------------------------------------------------
