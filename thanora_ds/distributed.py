@@ -112,8 +112,166 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
         return param.detach().to("cpu", copy=True)
 
 
-def env_rank_variables() -> dict[str, str]:
-    """RANK/WORLD_SIZE/LOCAL_RANK from the launcher's environment (torchrun, deepspeed, MPI, SLURM)."""
-    found = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-             if k in os.environ}
-    return found
+# ----------------------------------------------------------------------------------------------------------
+# Process group and DeepSpeed engine.
+
+MPI_RANK_VARIABLES = (  # (rank, world size, local rank) as set by Open MPI, MPICH/PMI and SLURM's srun
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+
+
+def adopt_launcher_environment() -> str:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from whichever launcher started us
+    (torchrun and the deepspeed launcher set them; MPI and srun set their own names). Returns its name."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        launcher = "torch"
+    else:
+        launcher = "single"
+        for rank_var, size_var, local_var in MPI_RANK_VARIABLES:
+            if rank_var in os.environ and size_var in os.environ:
+                os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ[rank_var], os.environ[size_var]
+                os.environ["LOCAL_RANK"] = os.environ.get(local_var, "0")
+                launcher = rank_var.split("_")[0].lower()
+                break
+        else:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    return launcher
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> None:
+    """Start the process group the way DeepSpeed expects, on GPUs (nccl) or CPUs (gloo)."""
+    import datetime
+
+    import deepspeed
+    import deepspeed.ops
+
+    adopt_launcher_environment()
+    on_cuda = torch.cuda.is_available()
+    if not on_cuda:
+        # DeepSpeed's CPU accelerator would JIT-compile a shared-memory all-reduce with g++ (minutes, and
+        # it fails without a compiler); gloo does the job. Not used at all on CUDA.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if backend == "auto":
+        backend = "nccl" if on_cuda else "gloo"
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def _set_dotted(config: dict, key: str, value: Any) -> None:
+    node = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def fill_deepspeed_config(template: dict, *, micro_batch_size: int, grad_accum: int, clip: float, bf16: bool,
+                          hidden_size: int, overrides: dict | None = None) -> dict:
+    """Replace the "auto" values of a DeepSpeed JSON with those of the run (as the HF Trainer does), then apply
+    dotted-key overrides. Any "auto" left is an error naming its key."""
+    import copy
+    import json
+
+    config = copy.deepcopy(template)
+    auto = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size(),
+        "gradient_clipping": clip,
+        "bf16.enabled": bf16,
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.allgather_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in auto.items():
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and node.get(parts[-1]) == "auto":
+            node[parts[-1]] = value
+    for key, value in (overrides or {}).items():
+        _set_dotted(config, key, value)
+    left = [k for k in _dotted_keys(config) if _get_dotted(config, k) == "auto"]
+    if left:
+        raise ValueError(f"deepspeed config: no value for \"auto\" key(s) {left}; set them in deepspeed.overrides")
+    json.dumps(config)  # must stay serializable
+    return config
+
+
+def _dotted_keys(config: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in config.items():
+        full = f"{prefix}.{k}" if prefix else k
+        keys += _dotted_keys(v, full) if isinstance(v, dict) else [full]
+    return keys
+
+
+def _get_dotted(config: dict, key: str) -> Any:
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter], stage: int) -> float:
+    """L2 norm of the averaged gradient at the accumulation boundary, BEFORE the optimizer step (so a
+    non-finite gradient can stop the run first). ZeRO-3: each rank's disjoint fp32 grad partition, squared
+    and summed across ranks; ZeRO-1/2: DeepSpeed's full gradient (collective); no ZeRO: ``p.grad``."""
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+    total = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if stage == 3:
+            grad = safe_get_local_grad(p)
+        elif stage in (1, 2):
+            grad = safe_get_full_grad(p)
+        else:
+            grad = p.grad
+        if grad is not None:
+            total += grad.detach().double().pow(2).sum().cpu()
+    if stage == 3:
+        all_reduce_sum_(total)
+    return float(total.sqrt())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (for stop requests and non-finite values)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    all_reduce_sum_(t)
+    return bool(t.item() > 0)
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -99,7 +99,11 @@ def _input_groups(model: nn.Module, adapters: dict[str, ThanoraLinear], batch: d
 
 
 def _preview_forward(model: nn.Module, batch: dict) -> None:
-    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in batch}
+    param = next(model.parameters())
+    kwargs = {k: batch[k].to(param.device) for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+              if k in batch}
+    if "pixel_values" in kwargs:
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(param.dtype)
     model(**kwargs, use_cache=False, logits_to_keep=1)
 
 

@@ -1,0 +1,54 @@
+"""Loading the model and its tokenizer/processor with the real Hugging Face code (``from_pretrained``).
+
+Under ZeRO-3 the model is built the ZeRO-3 way: an ``HfDeepSpeedConfig`` kept alive during
+``from_pretrained`` makes transformers construct it under ``deepspeed.zero.Init``, so parameters are
+partitioned as they load and no rank ever holds a full copy (and Hugging Face's weight init still runs).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+from .train_config import ModelConfig
+
+_KEEP_ALIVE = []  # HfDeepSpeedConfig must outlive from_pretrained (transformers holds a weak reference)
+
+
+def is_multimodal(path: str) -> bool:
+    return getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
+
+
+def load_processor(cfg: ModelConfig):
+    """(tokenizer, processor): the processor is the LLaVA processor for multimodal models, else None."""
+    path = cfg.processor_path or cfg.path
+    if is_multimodal(cfg.path):
+        processor = AutoProcessor.from_pretrained(path)
+        tokenizer = processor.tokenizer
+    else:
+        processor = None
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, processor
+
+
+def hidden_size(path: str) -> int:
+    config = AutoConfig.from_pretrained(path)
+    text = getattr(config, "text_config", None) or config
+    return int(text.hidden_size)
+
+
+def load_model(cfg: ModelConfig, ds_config: dict | None = None):
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _KEEP_ALIVE[:] = [HfDeepSpeedConfig(ds_config)]
+    cls = AutoModelForImageTextToText if is_multimodal(cfg.path) else AutoModelForCausalLM
+    model = cls.from_pretrained(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    model.config.use_cache = False
+    if cfg.activation_checkpointing:
+        # Non-reentrant: the adapters' SPR term built inside forward keeps its gradient (see adapter.py).
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

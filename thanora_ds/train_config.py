@@ -1,0 +1,147 @@
+"""The run configuration of ``launchers/train.py``: one YAML/JSON file plus ``section.key=value`` overrides.
+
+    model:     what to fine-tune (a Hugging Face directory, loaded with from_pretrained)
+    data:      thanora_ds.data.DataConfig (sources, splits, mixing, validation)
+    thanora:   thanora_ds.config.ThanoraConfig (the method)
+    train:     optimization, schedule, checkpoints, logging
+    deepspeed: which DeepSpeed JSON to start from and key overrides
+    dist:      process-group settings (backend, timeout); NCCL/gloo environment is documented in the README
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ThanoraConfig, apply_overrides, from_dict, read_config_file
+from .data import DataConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""                        # Hugging Face model directory (from_pretrained)
+    processor_path: str | None = None     # tokenizer / processor directory; default: path
+    dtype: str = "fp32"                   # fp32 | bf16
+    attn_implementation: str = "sdpa"     # sdpa | eager | flash_attention_2 (needs flash-attn)
+    activation_checkpointing: bool = True
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs/thanora"
+    micro_batch_size: int = 4             # per rank
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 100                  # optimizer steps
+    lr: float = 2e-4
+    projector_lr: float | None = None     # default: lr
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0             # cosine decays to lr * min_lr_ratio
+    max_grad_norm: float = 1.0            # 0 disables clipping
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    seed: int = 42
+    save_every: int = 50                  # steps; 0 = only at the end and on SIGTERM/SIGUSR1
+    keep_last: int = 2
+    resume: str = "auto"                  # auto | never | a checkpoint directory
+    log_every: int = 1
+    preview_batch_size: int = 8           # HASI preview forward batch size (per rank)
+    hasi_layers_per_pass: int = 0         # statistics held for this many input groups at once (0 = all)
+    tensorboard: bool = True
+
+
+@dataclass
+class DeepSpeedOptions:
+    config: str = "ds_configs/zero3.json"  # relative to the repository, the config file, or absolute
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys, e.g. zero_optimization.stage: 2
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"                  # auto: nccl on CUDA, gloo on CPU
+    timeout_minutes: int = 30              # collective timeout (HASI on a 7B model needs minutes on one rank)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    thanora: ThanoraConfig = field(default_factory=ThanoraConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    dist: DistConfig = field(default_factory=DistConfig)
+    config_dir: str = "."
+
+    def validate(self) -> None:
+        m, t = self.model, self.train
+        if not m.path:
+            raise ConfigError("model.path: required (a Hugging Face model directory)")
+        if not Path(m.path).is_dir():
+            raise ConfigError(f"model.path: {m.path} is not a directory")
+        if m.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype: unknown value {m.dtype!r}; choose one of {list(DTYPES)}")
+        if m.attn_implementation not in ATTENTION:
+            raise ConfigError(f"model.attn_implementation: unknown value {m.attn_implementation!r}; "
+                              f"choose one of {list(ATTENTION)}")
+        if m.attn_implementation == "flash_attention_2":
+            import importlib.util
+            if importlib.util.find_spec("flash_attn") is None:
+                raise ConfigError("model.attn_implementation: flash_attention_2 needs flash-attn, which is not "
+                                  "installed (pip install -e .[gpu] on a CUDA machine) ; use sdpa")
+        for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "keep_last", "log_every",
+                    "preview_batch_size"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
+        for key in ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "save_every", "hasi_layers_per_pass"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+        if self.thanora.train_projector is False and t.projector_lr is not None:
+            raise ConfigError("train.projector_lr: set, but thanora.train_projector is false")
+        self.thanora.validate()
+        self.deepspeed_path()
+
+    def deepspeed_path(self) -> Path:
+        candidates = [Path(self.deepspeed.config), Path(self.config_dir) / self.deepspeed.config,
+                      REPO_ROOT / self.deepspeed.config]
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise ConfigError(f"deepspeed.config: {self.deepspeed.config} not found (looked in "
+                          f"{', '.join(str(c.parent) for c in candidates)})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read the file, apply overrides, build and validate the typed config (no model or data loaded)."""
+    raw = read_config_file(path) if path else {}
+    raw = apply_overrides(raw, list(overrides))
+    base_dir = Path(path).resolve().parent if path else Path.cwd()
+    data_raw = raw.pop("data", {}) or {}
+    try:
+        data = DataConfig.from_dict(data_raw, base_dir=base_dir)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err) if str(err).startswith("data") else f"data: {err}") from err
+    raw.pop("config_dir", None)
+    cfg = from_dict(TrainConfig, raw)
+    cfg.data = data
+    cfg.config_dir = str(base_dir)
+    model = cfg.model
+    for key in ("path", "processor_path"):
+        value = getattr(model, key)
+        if value and not Path(value).is_absolute():
+            # relative to the working directory if it exists there (CLI habit), else to the config file
+            here = Path.cwd() / value
+            setattr(model, key, str((here if here.exists() else base_dir / value).resolve()))
+    if not Path(cfg.train.output_dir).is_absolute():
+        cfg.train.output_dir = str(Path.cwd() / cfg.train.output_dir)
+    cfg.validate()
+    return cfg

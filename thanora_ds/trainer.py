@@ -1,0 +1,372 @@
+"""The training job: data -> model (ZeRO-3) -> adapters -> HASI -> DeepSpeed loop with SPR -> checkpoints.
+
+Order matters and is chosen so that every user mistake surfaces before expensive work: the config is
+validated, the data read, validated and tokenized, the resume checkpoint checked against this run, and only
+then is the model loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed as D
+from .checkpoint import Checkpoints, CheckpointError, check_compatible
+from .data import build_multitask_data, collate_batch, preview_batches
+from .data.encode import IGNORE_INDEX
+from .hasi import common_prefix_length
+from .initializer import Allocation, plot_allocation, run_hasi, subtract_corda_residual
+from .inject import inject_thanora, multimodal_projector, spr_loss
+from .train_config import TrainConfig
+
+log = logging.getLogger("thanora_ds")
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step reports (summed over its micro-batches on this rank)."""
+    loss_sum: float = 0.0
+    spr: float = 0.0
+    tokens: int = 0
+    micro: int = 0
+    task_loss: list[float] = field(default_factory=list)
+    task_tokens: list[float] = field(default_factory=list)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per position ([B, L-1]; 0 where the label is ignored)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    losses = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.view(shift_labels.shape)
+
+
+def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def run_fingerprint(cfg: TrainConfig, tasks: list[str]) -> dict:
+    """What must be equal for a checkpoint to belong to this run (everything else may change on resume)."""
+    th = cfg.thanora
+    return {
+        "model": str(Path(cfg.model.path).resolve()),
+        "tasks": list(tasks),
+        "thanora": {k: getattr(th, k) for k in ("rank", "alpha", "rslora", "targets", "shared_rank", "mode",
+                                                  "train_projector")},
+        "dtype": cfg.model.dtype,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+    }
+
+
+class _StopRequest:
+    """SIGTERM (SLURM preemption, scancel) or SIGUSR1 (SLURM's warning before the time limit): finish the
+    current step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("received %s: will checkpoint after this step and exit", signal.Signals(signum).name)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.train.output_dir)
+        self.checkpoints = Checkpoints(self.out, cfg.train.keep_last)
+        self.stop = _StopRequest()
+        self.metrics_file = None
+        self.writer = None
+
+    # ------------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        D.init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes)
+        self.rank, self.world = D.rank(), D.world_size()
+        torch.manual_seed(cfg.train.seed)
+        from .modeling import hidden_size, load_model, load_processor
+
+        self.tokenizer, self.processor = load_processor(cfg.model)
+        t0 = time.time()
+        self.data = build_multitask_data(cfg.data, tokenizer=self.tokenizer, processor=self.processor)
+        self.tasks = self.data.tasks
+        log.info("data: %d tasks %s, train sizes %s, preview %s (%.1fs)", len(self.tasks), self.tasks,
+                 self.data.task_sizes, [len(self.data.preview[t]) for t in self.tasks], time.time() - t0)
+        cfg.thanora.validate(len(self.tasks))
+        self.fingerprint = run_fingerprint(cfg, self.tasks)
+        self.resume_from = self._resume_checkpoint()
+
+        template = json.loads(cfg.deepspeed_path().read_text())
+        self.ds_config = D.fill_deepspeed_config(
+            template, micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.gradient_accumulation_steps,
+            clip=cfg.train.max_grad_norm, bf16=cfg.model.dtype == "bf16", hidden_size=hidden_size(cfg.model.path),
+            overrides=cfg.deepspeed.overrides)
+        self.zero = D.zero_stage(self.ds_config)
+        model = load_model(cfg.model, self.ds_config)
+        self.adapters = inject_thanora(model, cfg.thanora, len(self.tasks))
+        optimizer = torch.optim.AdamW(self._param_groups(model), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+                                      eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+        scheduler = cosine_schedule(optimizer, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio)
+        import deepspeed
+
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.model = self.engine.module
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.sampler = self.data.make_sampler(self.rank, self.world)
+        self.step = 0
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+        else:
+            self._initialize_subspaces()
+        self.draws = iter(self.sampler)  # continues from the (restored) sampler state
+        if D.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+            self.metrics_file = open(self.out / "metrics.jsonl", "a")
+            if cfg.train.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(self.out / "tensorboard"))
+
+    def _param_groups(self, model) -> list[dict]:
+        cfg = self.cfg
+        projector = multimodal_projector(model)
+        proj_ids = {id(p) for p in projector.parameters()} if projector is not None else set()
+        adapters = [p for p in model.parameters() if p.requires_grad and id(p) not in proj_ids]
+        groups = [{"params": adapters, "lr": cfg.train.lr}]
+        proj = [p for p in model.parameters() if p.requires_grad and id(p) in proj_ids]
+        if proj:
+            groups.append({"params": proj, "lr": cfg.train.projector_lr or cfg.train.lr})
+        return groups
+
+    def _resume_checkpoint(self) -> Path | None:
+        mode = self.cfg.train.resume
+        if mode == "never":
+            return None
+        path = self.checkpoints.latest() if mode == "auto" else Path(mode)
+        if path is None:
+            return None
+        meta = Checkpoints.read_meta(path)
+        check_compatible(meta, self.fingerprint, self.world, path)
+        return path
+
+    # ------------------------------------------------------------------------------------------------------
+    def _initialize_subspaces(self) -> None:
+        cfg = self.cfg
+        t0 = time.time()
+        previews = [list(self.data.preview[t]) for t in self.tasks]
+        prefix = common_prefix_length([ex["input_ids"] for exs in previews for ex in exs])
+
+        def batches(t: int):
+            return preview_batches(self.data, self.tasks[t], cfg.train.preview_batch_size, self.rank, self.world)
+
+        self.allocation = run_hasi(self.model, self.adapters, cfg.thanora, self.tasks, batches, prefix,
+                                   sample_counts=[len(p) for p in previews],
+                                   layers_per_pass=cfg.train.hasi_layers_per_pass)
+        self.hasi_seconds = time.time() - t0
+        log.info("HASI: prefix %d tokens, %.1fs, ranks of layer 0: %s", prefix, self.hasi_seconds,
+                 self.allocation.ranks[0] if self.allocation.ranks else None)
+        if D.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.allocation.save(self.out / "allocation.json")
+            plot_allocation(self.allocation, self.out / "allocation.png")
+
+    def _corda_init_bytes(self) -> bytes | None:
+        if self.cfg.thanora.mode != "corda":
+            return None
+        from safetensors.torch import save
+
+        tensors = {}
+        for name, a in self.adapters.items():
+            tensors[f"{name}.corda_A0"] = a.corda_A0.contiguous()
+            tensors[f"{name}.corda_B0"] = a.corda_B0.contiguous()
+        return save(tensors)
+
+    def _resume(self, path: Path) -> None:
+        self.allocation = Allocation.load(path / "allocation.json")
+        self.allocation.apply(self.adapters)
+        if self.cfg.thanora.mode == "corda":
+            from safetensors.torch import load_file
+
+            init = load_file(str(path / "corda_init.safetensors"))
+            for name, adapter in self.adapters.items():
+                subtract_corda_residual(adapter, init[f"{name}.corda_A0"], init[f"{name}.corda_B0"])
+        state = Checkpoints.load(self.engine, path)
+        meta = Checkpoints.read_meta(path)
+        self.step = int(meta["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        D.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> Path:
+        extra = {"allocation.json": json.dumps(self.allocation.__dict__, indent=1).encode()}
+        corda = self._corda_init_bytes()
+        if corda is not None:
+            extra["corda_init.safetensors"] = corda
+        meta = {"step": self.step, "world_size": self.world, "fingerprint": self.fingerprint,
+                "config": self.cfg.to_dict()}
+        meta = json.loads(json.dumps(meta, default=str))
+        path = self.checkpoints.save(self.engine, self.step, meta,
+                                     {"sampler": self.sampler.state_dict(), "rng": D.rng_state()}, extra)
+        log.info("checkpoint %s", path)
+        return path
+
+    # ------------------------------------------------------------------------------------------------------
+    def _next_batch(self) -> dict:
+        examples = []
+        for _ in range(self.cfg.train.micro_batch_size):
+            task_id, index = next(self.draws)
+            examples.append(self.data.train_example(task_id, index))
+        return collate_batch(examples, self.data.pad_token_id)
+
+    def _micro_step(self, stats: StepStats) -> None:
+        batch = self._next_batch()
+        device = self.engine.device
+        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
+        logits = self.engine(**inputs, use_cache=False).logits
+        labels = batch["labels"].to(device)
+        per_token = token_losses(logits, labels)
+        valid = (labels[:, 1:] != IGNORE_INDEX)
+        n_tokens = int(valid.sum())
+        task_loss = per_token.sum() / max(n_tokens, 1)
+        spr = spr_loss(self.adapters.values())
+        loss = task_loss if spr is None else task_loss + self.cfg.thanora.spr_lambda * spr
+        if D.any_rank(not bool(torch.isfinite(loss))):
+            raise NonFiniteError(f"non-finite loss at step {self.step + 1} (task loss {task_loss.item():.4g}, SPR "
+                                 f"{(spr.item() if spr is not None else 0.0):.4g}); stopped before the optimizer step. "
+                                 "Lower train.lr, check the data, or use fp32.")
+        self.engine.backward(loss)
+        with torch.no_grad():
+            per_sample = per_token.sum(1).detach().float().cpu()
+            tokens = valid.sum(1).float().cpu()
+            for t, loss_t, n_t in zip(batch["task_ids"].tolist(), per_sample.tolist(), tokens.tolist()):
+                stats.task_loss[t] += loss_t
+                stats.task_tokens[t] += n_t
+        stats.loss_sum += float(task_loss)
+        stats.spr = float(spr) if spr is not None else 0.0
+        stats.tokens += int(batch["attention_mask"].sum())
+        stats.micro += 1
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        T = len(self.tasks)
+        stats = StepStats(task_loss=[0.0] * T, task_tokens=[0.0] * T)
+        t0 = time.time()
+        for _ in range(cfg.train.gradient_accumulation_steps):
+            self._micro_step(stats)
+            if self.engine.is_gradient_accumulation_boundary():
+                grad_norm = D.global_grad_norm(self.trainable, self.zero)
+                if D.any_rank(not math.isfinite(grad_norm)):
+                    raise NonFiniteError(f"non-finite gradient norm at step {self.step + 1}; stopped before the "
+                                         "optimizer step. Lower train.lr or check the data.")
+            lr = self.scheduler.get_last_lr()[0]
+            self.engine.step()
+        self.step += 1
+        seconds = time.time() - t0
+        summed = torch.tensor([stats.loss_sum / stats.micro, float(stats.tokens)] + stats.task_loss + stats.task_tokens,
+                              dtype=torch.float64)
+        D.all_reduce_sum_(summed)
+        loss = float(summed[0]) / self.world
+        task_loss = summed[2:2 + T]
+        task_tokens = summed[2 + T:]
+        return {
+            "step": self.step, "loss": loss + cfg.thanora.spr_lambda * stats.spr, "task_loss": loss,
+            "spr": stats.spr, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": float(summed[1]) / seconds,
+            "step_seconds": seconds,
+            **{f"loss/{name}": float(task_loss[t] / task_tokens[t]) for t, name in enumerate(self.tasks)
+               if task_tokens[t] > 0},
+        }
+
+    def log_metrics(self, record: dict, bar) -> None:
+        if not D.is_main():
+            return
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.writer.add_scalar(k if "/" in k else f"train/{k}", v, record["step"])
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", spr=f"{record['spr']:.3g}", lr=f"{record['lr']:.2e}",
+                            gnorm=f"{record['grad_norm']:.3g}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def fit(self) -> int:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.engine.train()
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True) if D.is_main() else None
+        last_saved = self.step if self.resume_from is not None else None
+        while self.step < cfg.train.max_steps:
+            record = self.train_step()
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                self.log_metrics(record, bar)
+            if bar is not None:
+                bar.update(1)
+            stop = D.any_rank(self.stop.requested)
+            if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
+                self.save()
+                last_saved = self.step
+            if stop:
+                log.warning("stopped on signal at step %d; resume with train.resume=auto", self.step)
+                break
+        if self.step >= cfg.train.max_steps and last_saved != self.step:
+            self.save()
+        if bar is not None:
+            bar.close()
+        if self.step >= cfg.train.max_steps:
+            self.write_final_adapter()
+        if self.writer is not None:
+            self.writer.close()
+        return self.step
+
+    def write_final_adapter(self) -> None:
+        """Gathered fp32 adapter weights (+ trained projector) of the finished run in one safetensors file."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, adapter in self.adapters.items():
+            tensors[f"{name}.lora_A"] = D.full_tensor(adapter.lora_A).float()
+            tensors[f"{name}.lora_B"] = D.full_tensor(adapter.lora_B).float()
+        projector = multimodal_projector(self.model)
+        if projector is not None and self.cfg.thanora.train_projector:
+            prefix = next(n for n, m in self.model.named_modules() if m is projector)
+            for n, p in projector.named_parameters():
+                tensors[f"{prefix}.{n}"] = D.full_tensor(p).float()
+        if D.is_main():
+            final = self.out / "final"
+            final.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(final / "adapter_weights.safetensors"))
+            self.allocation.save(final / "allocation.json")
+
+
+def train(cfg: TrainConfig) -> int:
+    trainer = Trainer(cfg)
+    trainer.setup()
+    return trainer.fit()
