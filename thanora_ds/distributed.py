@@ -88,22 +88,19 @@ def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = N
 
 
 def write_param(param: torch.nn.Parameter, value: torch.Tensor | None, src: int = 0) -> None:
-    """Set ``param`` to ``value`` (full shape). Collective under ZeRO-3: every rank calls it; only rank
-    ``src`` needs to hold ``value`` (others may pass None), it is broadcast from there."""
-    if not is_partitioned(param):
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
-        return
+    """Set ``param`` to ``value`` (full shape) everywhere it lives: the module's copy and, when DeepSpeed's
+    optimizer keeps its own fp32 master copy (ZeRO-1/2/3), that too. Collective in a multi-rank run: every
+    rank calls it; only rank ``src`` needs ``value`` (others may pass None), it is broadcast from there."""
     from deepspeed.utils import safe_set_full_fp32_param
 
-    shape = tuple(param.ds_shape)
+    shape = tuple(getattr(param, "ds_shape", param.shape))
     full = value.to(torch.float32).contiguous() if rank() == src else torch.empty(shape, dtype=torch.float32)
     broadcast_(full, src)
     with gathered([param], modifier_rank=src), torch.no_grad():
-        if rank() == src:
-            param.copy_(full.to(param.dtype))
-    if hasattr(param, "_z3_optimizer"):
-        safe_set_full_fp32_param(param, full)
+        if rank() == src or not is_partitioned(param):
+            param.copy_(full.to(param.device, param.dtype))
+    if hasattr(param, "_z3_optimizer") or hasattr(param, "_hp_mapping"):
+        safe_set_full_fp32_param(param, full.to(param.device))
 
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:

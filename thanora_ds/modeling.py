@@ -49,6 +49,8 @@ def load_model(cfg: ModelConfig, ds_config: dict | None = None):
     model.config.use_cache = False
     if cfg.activation_checkpointing:
         # Non-reentrant: the adapters' SPR term built inside forward keeps its gradient (see adapter.py).
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers < 5.x name
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

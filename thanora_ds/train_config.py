@@ -49,6 +49,7 @@ class TrainingConfig:
     save_every: int = 50                  # steps; 0 = only at the end and on SIGTERM/SIGUSR1
     keep_last: int = 2
     resume: str = "auto"                  # auto | never | a checkpoint directory
+    stop_at_step: int = 0                 # checkpoint and exit 0 after this step (schedule still max_steps)
     log_every: int = 1
     preview_batch_size: int = 8           # HASI preview forward batch size (per rank)
     hasi_layers_per_pass: int = 0         # statistics held for this many input groups at once (0 = all)
@@ -97,7 +98,8 @@ class TrainConfig:
                     "preview_batch_size"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
-        for key in ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "save_every", "hasi_layers_per_pass"):
+        for key in ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "save_every", "hasi_layers_per_pass",
+                    "stop_at_step"):
             if getattr(t, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
         if not 0 <= t.min_lr_ratio <= 1:

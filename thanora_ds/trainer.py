@@ -239,7 +239,11 @@ class Trainer:
     def _next_batch(self) -> dict:
         examples = []
         for _ in range(self.cfg.train.micro_batch_size):
-            task_id, index = next(self.draws)
+            try:
+                task_id, index = next(self.draws)
+            except StopIteration:  # end of an epoch: the sampler's state has moved on to the next one
+                self.draws = iter(self.sampler)
+                task_id, index = next(self.draws)
             examples.append(self.data.train_example(task_id, index))
         return collate_batch(examples, self.data.pad_token_id)
 
@@ -329,12 +333,12 @@ class Trainer:
                 self.log_metrics(record, bar)
             if bar is not None:
                 bar.update(1)
-            stop = D.any_rank(self.stop.requested)
+            stop = D.any_rank(self.stop.requested) or self.step == cfg.train.stop_at_step
             if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.save()
                 last_saved = self.step
             if stop:
-                log.warning("stopped on signal at step %d; resume with train.resume=auto", self.step)
+                log.warning("stopped at step %d (signal or train.stop_at_step); the same command resumes", self.step)
                 break
         if self.step >= cfg.train.max_steps and last_saved != self.step:
             self.save()
