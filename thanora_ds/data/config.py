@@ -35,10 +35,12 @@ class SourceConfig:
 
 @dataclass
 class TaskConfig:
-    """Per-task settings. `weight` is used by `mixing: weights`; `scorer` by evaluation."""
+    """Per-task settings. `weight` is used by `mixing: weights`; `scorer` and `choices` (the answer options of a
+    `multiple_choice` task; default: the distinct reference answers of its eval split) by evaluation."""
 
     weight: Optional[float] = None
     scorer: str = "exact_match"
+    choices: Optional[list[str]] = None
 
 
 @dataclass
