@@ -212,3 +212,23 @@ def test_spr_under_activation_checkpointing_counted_once_with_correct_gradients(
     model(**forward_batch(batch), labels=batch["labels"]).loss.backward()
     name = next(iter(results[0][2]))
     assert not torch.allclose(model.get_parameter(name).grad, results[0][2][name])
+
+
+def test_hasi_memory_bounded_passes_give_the_same_result():
+    """groups_per_pass=1 (one input group's statistics at a time, one preview pass per group) changes nothing."""
+    cfg = ThanoraConfig(rank=8, alpha=16, mode="orthogonal")
+    results = []
+    for per_pass in (0, 1):
+        model = tiny_llama()
+        batches = synthetic_batches(T)
+        adapters = inject_thanora(model, cfg, T)
+        alloc = run_hasi(model, adapters, cfg, ["a", "b", "c"], lambda t: batches[t], 2, groups_per_pass=per_pass)
+        results.append((alloc, {n: a.lora_A.detach().clone() for n, a in adapters.items()}))
+    (a0, w0), (a1, w1) = results
+    assert a0.ranks == a1.ranks and a0.token_counts == a1.token_counts
+    for n in w0:
+        torch.testing.assert_close(w0[n], w1[n], atol=1e-6, rtol=0)
+    # 2 layers x (qkv, o, gate/up, down) = 8 statistics shared by 14 adapters
+    from thanora_ds.initializer import _input_groups
+    groups = _input_groups(model, adapters, batches[0][0])
+    assert len(groups) == 8 and [len(g) for g in groups[:4]] == [3, 1, 2, 1]

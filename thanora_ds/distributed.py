@@ -44,16 +44,32 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    if is_initialized() and world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+def _comm_device() -> torch.device:
+    """NCCL only moves CUDA tensors; gloo moves CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _collective_(tensor: torch.Tensor, op) -> torch.Tensor:
+    if not (is_initialized() and world_size() > 1):
+        return tensor
+    device = _comm_device()
+    if tensor.device == device:
+        op(tensor)
+    else:
+        moved = tensor.to(device)
+        op(moved)
+        tensor.copy_(moved)
     return tensor
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    return _collective_(tensor, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
 
 
 def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
-    if is_initialized() and world_size() > 1:
-        dist.broadcast(tensor, src=src)
-    return tensor
+    return _collective_(tensor, lambda t: dist.broadcast(t, src=src))
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -272,3 +288,34 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a ZeRO checkpoint offline (one process, no process group, any world size it was written with).
+
+def read_zero_trainable(tag_dir) -> dict[str, torch.Tensor]:
+    """The trainable parameters (adapters, a trained projector) of a DeepSpeed ZeRO-1/2/3 checkpoint folder, by
+    full parameter name, as fp32 CPU tensors reassembled from the optimizer's fp32 partitions of every rank.
+
+    Uses DeepSpeed's own ``zero_to_fp32`` reassembly with frozen parameters excluded; the per-rank files are
+    memory-mapped, so the frozen base-model fragments a checkpoint may also hold are never read into RAM."""
+    from deepspeed.checkpoint.constants import BUFFER_NAMES, PARAM_SHAPES
+    from deepspeed.utils import zero_to_fp32 as z
+
+    tag_dir = str(tag_dir)
+    states = []
+    for file in z.get_model_state_files(tag_dir):
+        sd = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+        if BUFFER_NAMES not in sd or PARAM_SHAPES not in sd:
+            raise ValueError(f"{file} is not a DeepSpeed ZeRO model state file")
+        states.append(z.zero_model_state(buffers={}, param_shapes=sd[PARAM_SHAPES],
+                                         shared_params=list(sd.get("shared_params", {}).items()),
+                                         ds_version=sd.get("ds_version"), frozen_param_shapes=None,
+                                         frozen_param_fragments=None))
+        del sd
+    stage, world, flat_groups, paddings = z.parse_optim_states(z.get_optim_files(tag_dir), tag_dir)
+    if stage <= 2:
+        lazy = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, states, True, paddings)
+    else:
+        lazy = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, states, True)
+    return {name: t.contiguous().float().clone() for name, t in lazy.items()}

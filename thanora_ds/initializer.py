@@ -6,8 +6,9 @@ checkpointing would otherwise run the statistics hooks twice). Distributed by co
 * each rank previews its own disjoint share of every task's previews; statistics are summed across ranks;
 * each target layer has one owner rank (round robin) that computes all of its tasks' decompositions, so
   each (task, layer) decomposition runs exactly once and the work spreads over ranks;
-* memory is bounded by ``layers_per_pass``: statistics exist only for the layers of the current pass
-  (T x d_in x d_in fp32 per input group), the preview forward is repeated once per pass;
+* memory is bounded by ``groups_per_pass``: statistics exist only for the input groups (q/k/v share one,
+  gate/up one, o and down one each) of the current pass, T x d_in x d_in fp32 each, on the activations'
+  device; the preview forward is repeated once per pass;
 * the blocks are written with ``distributed.write_param`` (ZeRO-safe) from the owner rank.
 With one process all of this degenerates to plain loops.
 """
@@ -142,17 +143,19 @@ class _StatisticsCollector:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
         self.hooks = []
+        self.num_tasks = num_tasks
+        self.dims = {g[0]: adapters[g[0]].in_features for g in groups}
         for group in groups:
-            leader = group[0]
-            d_in = adapters[leader].in_features
-            self.sums[leader] = torch.zeros(num_tasks, d_in, d_in, dtype=torch.float32)
-            self.counts[leader] = torch.zeros(num_tasks, dtype=torch.float64)
-            self.hooks.append(adapters[leader].register_forward_pre_hook(self._hook(leader)))
+            self.hooks.append(adapters[group[0]].register_forward_pre_hook(self._hook(group[0])))
 
     def _hook(self, leader: str):
         def hook(module, args):
             x = args[0]
-            tokens = x[self.mask.to(x.device)].to(torch.float32).cpu()
+            if leader not in self.sums:  # allocated on the activations' device (GPU memory on GPUs)
+                d = self.dims[leader]
+                self.sums[leader] = torch.zeros(self.num_tasks, d, d, dtype=torch.float32, device=x.device)
+                self.counts[leader] = torch.zeros(self.num_tasks, dtype=torch.float64, device=x.device)
+            tokens = x[self.mask.to(x.device)].to(torch.float32)
             self.sums[leader][self.task] += tokens.T @ tokens
             self.counts[leader][self.task] += tokens.shape[0]
         return hook
@@ -165,7 +168,7 @@ class _StatisticsCollector:
 @torch.no_grad()
 def run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraConfig, tasks: list[str],
              previews: PreviewFn, prefix_length: int, sample_counts: list[int] | None = None,
-             layers_per_pass: int = 0) -> Allocation:
+             groups_per_pass: int = 0) -> Allocation:
     """Initialize the adapters' task blocks from preview statistics and return the allocation.
 
     ``previews(t)`` yields this rank's share of task t's preview batches; ``prefix_length`` is the common
@@ -191,7 +194,7 @@ def run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraC
         missing = [n for n in names if n not in group_of]
         if missing:
             raise RuntimeError(f"HASI: adapters never called by the preview forward: {missing[:3]}...")
-        per_pass = layers_per_pass if layers_per_pass > 0 else len(groups)
+        per_pass = groups_per_pass if groups_per_pass > 0 else len(groups)
         for start in range(0, len(groups), per_pass):
             chunk = groups[start:start + per_pass]
             collector = _StatisticsCollector(adapters, chunk, num_tasks)
@@ -203,9 +206,9 @@ def run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraC
                         _preview_forward(model, batch)
             finally:
                 collector.remove()
-            for leader in collector.sums:
-                D.all_reduce_sum_(collector.sums[leader])
-                D.all_reduce_sum_(collector.counts[leader])
+            for group in chunk:  # same order on every rank
+                D.all_reduce_sum_(collector.sums[group[0]])
+                D.all_reduce_sum_(collector.counts[group[0]])
             if start == 0:
                 token_counts = [int(c) for c in collector.counts[chunk[0][0]]]
             for group in chunk:
@@ -239,7 +242,7 @@ def _decompose_layer(adapter: ThanoraLinear, index: int, covs: list[torch.Tensor
     with D.gathered([adapter.base.weight]):   # collective: every rank enters, only the owner computes
         if D.rank() != owner:
             return
-        weight = adapter.base.weight.detach().cpu()
+        weight = adapter.base.weight.detach().to(covs[0].device)
         saved = []
         for t, cov in enumerate(covs):
             spec = task_spectrum(weight, cov, cfg.spectrum, keep=min(2 * task_total, cov.shape[0]))

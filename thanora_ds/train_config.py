@@ -52,7 +52,8 @@ class TrainingConfig:
     stop_at_step: int = 0                 # checkpoint and exit 0 after this step (schedule still max_steps)
     log_every: int = 1
     preview_batch_size: int = 8           # HASI preview forward batch size (per rank)
-    hasi_layers_per_pass: int = 0         # statistics held for this many input groups at once (0 = all)
+    hasi_groups_per_pass: int = 0         # HASI statistics held for this many input groups at once (0 = all);
+                                          # bounds initializer memory, see README "HASI memory"
     tensorboard: bool = True
 
 
@@ -98,7 +99,7 @@ class TrainConfig:
                     "preview_batch_size"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
-        for key in ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "save_every", "hasi_layers_per_pass",
+        for key in ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "save_every", "hasi_groups_per_pass",
                     "stop_at_step"):
             if getattr(t, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")

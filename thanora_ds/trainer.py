@@ -186,7 +186,7 @@ class Trainer:
 
         self.allocation = run_hasi(self.model, self.adapters, cfg.thanora, self.tasks, batches, prefix,
                                    sample_counts=[len(p) for p in previews],
-                                   layers_per_pass=cfg.train.hasi_layers_per_pass)
+                                   groups_per_pass=cfg.train.hasi_groups_per_pass)
         self.hasi_seconds = time.time() - t0
         log.info("HASI: prefix %d tokens, %.1fs, ranks of layer 0: %s", prefix, self.hasi_seconds,
                  self.allocation.ranks[0] if self.allocation.ranks else None)
