@@ -139,6 +139,7 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.sampler = self.data.make_sampler(self.rank, self.world)
         self.step = 0
+        self.hasi_seconds = 0.0
         if self.resume_from is not None:
             self._resume(self.resume_from)
         else:
@@ -147,6 +148,8 @@ class Trainer:
         if D.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+            timings = {"setup_seconds": time.time() - t0, "hasi_seconds": self.hasi_seconds}
+            (self.out / "timings.json").write_text(json.dumps(timings))
             self.metrics_file = open(self.out / "metrics.jsonl", "a")
             if cfg.train.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter

@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Step time of ThanoRA against plain LoRA (same rank, same DeepSpeed config), and where the time goes.
+
+    python benchmarks/step_time.py --config configs/demo_smollm2.yaml --nproc 2 --steps 8
+
+Runs, in this one invocation and with identical settings otherwise:
+  lora      plain LoRA: thanora.mode=random, allocation=uniform, spr_lambda=0 (== PEFT LoRA, see tests)
+  thanora   the config's ThanoRA settings (HASI + SPR)
+  no_spr    the same ThanoRA run with spr_lambda=0 (its step time minus this = SPR's share)
+and, in-process, SPR's forward+backward on the real adapter shapes (isolated cost). Prints ratios; the median
+step time excludes the first two steps (warm-up). HASI is a one-off: reported in seconds and in steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+VARIANTS = {
+    "lora": ["thanora.mode=random", "thanora.allocation=uniform", "thanora.spr_lambda=0"],
+    "thanora": [],
+    "no_spr": ["thanora.spr_lambda=0"],
+}
+
+
+def run(config: str, nproc: int, steps: int, out: Path, extra: list[str]) -> dict:
+    args = [str(REPO / "launchers" / "train.py"), "--config", config, f"train.output_dir={out}",
+            f"train.max_steps={steps}", "train.save_every=0", "train.resume=never", "train.tensorboard=false",
+            *extra]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29533", *args]
+    else:
+        cmd = [sys.executable, *args]
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.time() - t0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timings = json.loads((out / "timings.json").read_text())
+    step = statistics.median(m["step_seconds"] for m in metrics[2:] or metrics)
+    return {"step_s": step, "hasi_s": timings.get("hasi_seconds", 0.0), "wall_s": wall,
+            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics[2:] or metrics)}
+
+
+def isolated_spr_seconds(out: Path, repeats: int = 20) -> float:
+    """SPR forward+backward over every adapted layer with the run's real shapes and split."""
+    from thanora_ds.initializer import Allocation
+    from thanora_ds.spr import spr_layer_penalty
+
+    alloc = Allocation.load(out / "allocation.json")
+    weights = (out / "final" / "adapter_weights.safetensors")
+    from safetensors.torch import load_file
+    tensors = load_file(str(weights))
+    blocks = [(tensors[f"{n}.lora_A"].requires_grad_(), tensors[f"{n}.lora_B"].requires_grad_(), r)
+              for n, r in zip(alloc.layers, alloc.ranks)]
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        total = sum(spr_layer_penalty(a, b, r) for a, b, r in blocks) / len(blocks)
+        total.backward()
+    return (time.perf_counter() - t0) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "demo_smollm2.yaml"))
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in VARIANTS.items():
+            results[name] = run(args.config, args.nproc, args.steps, Path(tmp) / name, extra)
+            print(f"{name:8s} step {results[name]['step_s']:.3f}s  HASI {results[name]['hasi_s']:.1f}s  "
+                  f"tokens/s {results[name]['tokens_per_s']:.0f}  wall {results[name]['wall_s']:.0f}s", flush=True)
+        spr_iso = isolated_spr_seconds(Path(tmp) / "thanora")
+    lora, th, no_spr = results["lora"], results["thanora"], results["no_spr"]
+    print()
+    print(f"step time ThanoRA / plain LoRA           : {th['step_s'] / lora['step_s']:.3f}")
+    print(f"SPR share of the ThanoRA step (end-to-end): {(th['step_s'] - no_spr['step_s']) / th['step_s']:+.3f}")
+    print(f"SPR share of the ThanoRA step (isolated)  : {spr_iso / th['step_s']:.4f}  ({spr_iso * 1e3:.2f} ms, 1 process)")
+    print(f"HASI (one-off)                            : {th['hasi_s']:.1f}s = {th['hasi_s'] / th['step_s']:.1f} steps; "
+          f"{th['hasi_s'] / (th['hasi_s'] + args.steps * th['step_s']):.3f} of this {args.steps}-step run")
+
+
+if __name__ == "__main__":
+    main()
