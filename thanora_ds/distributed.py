@@ -131,18 +131,100 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 MPI_RANK_VARIABLES = (  # (rank, world size, local rank) as set by Open MPI, MPICH/PMI and SLURM's srun
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: a batch script's own shell has SLURM_PROCID=0 and
+    # SLURM_NTASKS=<allocation> (measured, SLURM 22.05), so a plain `python train.py` there would wait for
+    # ranks that never come; only an srun step sets SLURM_STEP_NUM_TASKS.
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
 )
+MPI_LOCAL_SIZE_VARIABLES = {"ompi": "OMPI_COMM_WORLD_LOCAL_SIZE", "pmi": "MPI_LOCALNRANKS",
+                            "slurm": "SLURM_STEP_TASKS_PER_NODE"}
+DEFAULT_MASTER_PORT = 29500
+
+
+def _host_address() -> str:
+    """This host's address as its peers reach it: the address of GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
+    when one names a single interface, else the first of `hostname -I` (as DeepSpeed's MPI discovery does;
+    the hostname itself often resolves to 127.0.1.1 on Debian-like systems), else the hostname."""
+    import socket
+    import subprocess
+
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        name = os.environ.get(var, "")
+        if name and not name.startswith(("^", "=")) and "," not in name:
+            if name == "lo":
+                return "127.0.0.1"
+            try:
+                import fcntl
+                import struct
+
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+                return socket.inet_ntoa(packed[20:24])
+            except OSError:
+                pass
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return socket.gethostname()
+
+
+def _slurm_first_node() -> str | None:
+    """The address of the first node of the SLURM allocation (its NodeAddr, else its name)."""
+    import subprocess
+
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               timeout=30, check=True).stdout.split()
+        first = hosts[0]
+        node = subprocess.run(["scontrol", "show", "node", "-o", first], capture_output=True, text=True,
+                              timeout=30).stdout
+        for token in node.split():
+            if token.startswith("NodeAddr="):
+                return token.split("=", 1)[1] or first
+        return first
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodelist.split(",")[0] if "[" not in nodelist else None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _mpi4py_comm():
+    """COMM_WORLD of mpi4py, or None when mpi4py is not installed (the `mpi` extra)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD
 
 
 def adopt_launcher_environment() -> str:
-    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from whichever launcher started us
-    (torchrun and the deepspeed launcher set them; MPI and srun set their own names). Returns its name."""
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from whichever launcher started us and
+    return its name: "torch" (torchrun, the deepspeed launcher: they set all five), "ompi" / "pmi" (mpirun,
+    mpiexec), "slurm" (srun tasks), "pmix" (srun --mpi=pmix with mpi4py), or "single".
+
+    When MASTER_ADDR / MASTER_PORT are not set by the user or the launcher:
+    * under MPI (mpirun, or srun --mpi=pmix) with mpi4py installed, rank 0 picks its address (127.0.0.1 when
+      every rank is on one host) and a free port, and broadcasts both over MPI;
+    * under srun without mpi4py, the address is the first node of the allocation (scontrol show hostnames)
+      and the port 20000 + job id % 20000, the same on every task;
+    * otherwise 127.0.0.1:29500 (one host only)."""
+    launcher = "single"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         os.environ.setdefault("LOCAL_RANK", "0")
         launcher = "torch"
     else:
-        launcher = "single"
         for rank_var, size_var, local_var in MPI_RANK_VARIABLES:
             if rank_var in os.environ and size_var in os.environ:
                 os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ[rank_var], os.environ[size_var]
@@ -150,19 +232,94 @@ def adopt_launcher_environment() -> str:
                 launcher = rank_var.split("_")[0].lower()
                 break
         else:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            if "PMIX_RANK" in os.environ and _mpi4py_comm() is not None:   # srun --mpi=pmix, Open MPI >= 4
+                comm = _mpi4py_comm()
+                local = comm.Split_type(_mpi_shared_type(), key=comm.Get_rank())
+                os.environ.update(RANK=str(comm.Get_rank()), WORLD_SIZE=str(comm.Get_size()),
+                                  LOCAL_RANK=str(local.Get_rank()))
+                launcher = "pmix"
+            else:
+                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if launcher not in ("torch", "single") and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        _derive_master(launcher)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_PORT", str(DEFAULT_MASTER_PORT))
     return launcher
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> None:
-    """Start the process group the way DeepSpeed expects, on GPUs (nccl) or CPUs (gloo)."""
+def _mpi_shared_type():
+    from mpi4py import MPI
+
+    return MPI.COMM_TYPE_SHARED
+
+
+def _one_host(launcher: str) -> bool:
+    size = int(os.environ["WORLD_SIZE"])
+    if launcher == "slurm" and "SLURM_STEP_NUM_NODES" in os.environ:
+        return os.environ["SLURM_STEP_NUM_NODES"] == "1"
+    local = os.environ.get(MPI_LOCAL_SIZE_VARIABLES.get(launcher, ""), "")
+    return local.isdigit() and int(local) == size
+
+
+def _derive_master(launcher: str) -> None:
+    """MASTER_ADDR / MASTER_PORT for an MPI or srun launch (see adopt_launcher_environment)."""
+    comm = _mpi4py_comm() if launcher in ("ompi", "pmi", "pmix") else None
+    if comm is not None and comm.Get_size() == int(os.environ["WORLD_SIZE"]):
+        if comm.Get_rank() == 0:
+            one_host = comm.Split_type(_mpi_shared_type()).Get_size() == comm.Get_size()
+            addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if one_host else _host_address())
+            port = os.environ.get("MASTER_PORT") or str(_free_port())
+            choice = (addr, port)
+        else:
+            choice = None
+        addr, port = comm.bcast(choice, root=0)
+    elif launcher == "slurm":
+        addr = "127.0.0.1" if _one_host(launcher) else _slurm_first_node()
+        job = os.environ.get("SLURM_JOB_ID", "")
+        port = str(20000 + int(job) % 20000) if job.isdigit() else None
+        if addr is None:
+            raise RuntimeError("cannot tell the master address of this multi-node srun launch: set MASTER_ADDR "
+                               "(launchers/slurm/train.sbatch does) or install mpi4py")
+    else:
+        if not _one_host(launcher):
+            raise RuntimeError(f"multi-node {launcher} launch without MASTER_ADDR/MASTER_PORT: export them "
+                               "(mpirun -x MASTER_ADDR=<rank 0 host> -x MASTER_PORT=<port>) or install mpi4py "
+                               "(pip install -e .[mpi]) so that rank 0 broadcasts its address")
+        addr, port = "127.0.0.1", None
+    os.environ.setdefault("MASTER_ADDR", addr)
+    if port:
+        os.environ.setdefault("MASTER_PORT", port)
+
+
+def apply_dist_settings(settings) -> dict[str, str]:
+    """Export the NCCL / gloo / torch.distributed variables of a ``DistConfig`` (train_config.py) before the
+    process group starts; returns what changed. Empty keys leave the environment as it is."""
+    import logging
+
+    changed = {}
+    for key, value in settings.environment().items():
+        if os.environ.get(key) != value:
+            if key in os.environ:
+                logging.getLogger(__name__).info("dist: %s=%s (was %s in the environment)", key, value, os.environ[key])
+            os.environ[key] = value
+            changed[key] = value
+    return changed
+
+
+def init_distributed(backend: "str | Any" = "auto", timeout_minutes: int = 30, settings=None) -> None:
+    """Start the process group the way DeepSpeed expects, on GPUs (nccl) or CPUs (gloo).
+
+    ``backend`` may be the whole ``DistConfig`` (``init_distributed(cfg.dist)``): its backend, timeout and
+    NCCL/gloo variables are used; ``settings=cfg.dist`` does the same next to explicit backend/timeout."""
     import datetime
 
     import deepspeed
     import deepspeed.ops
 
+    if not isinstance(backend, str):
+        settings, backend, timeout_minutes = backend, backend.backend, backend.timeout_minutes
+    if settings is not None:
+        apply_dist_settings(settings)
     adopt_launcher_environment()
     on_cuda = torch.cuda.is_available()
     if not on_cuda:

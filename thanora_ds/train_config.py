@@ -63,10 +63,67 @@ class DeepSpeedOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys, e.g. zero_optimization.stage: 2
 
 
+DIST_BACKENDS = ("auto", "nccl", "gloo")
+TORCH_DISTRIBUTED_DEBUG = ("", "OFF", "INFO", "DETAIL")
+NCCL_DEBUG = ("", "VERSION", "WARN", "INFO", "TRACE")
+
+
 @dataclass
 class DistConfig:
+    """Process-group settings (docs/scale.md, "NCCL and gloo settings").
+
+    The string keys set the named environment variable just before the process group starts, on every rank;
+    left empty ("", the default) they leave the variable as the environment has it, so cluster-wide exports
+    (module files, sbatch scripts) keep working and the library's own default applies when nothing is set.
+    A value set here wins over the environment (the change is logged)."""
     backend: str = "auto"                  # auto: nccl on CUDA, gloo on CPU
-    timeout_minutes: int = 30              # collective timeout (HASI on a 7B model needs minutes on one rank)
+    timeout_minutes: int = 30              # collective timeout, nccl and gloo alike (HASI on a 7B model needs
+                                           # minutes on one rank; a hung peer is reported after this long)
+    socket_ifname: str = ""                # NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME: the interface(s) for
+                                           # bootstrap/socket traffic, e.g. "ib0", "eth0", "lo" (one host).
+                                           # "^docker0,lo" (exclusion) is NCCL syntax: gloo is then left alone.
+                                           # Unset: NCCL skips lo/docker*, gloo uses the address of the hostname
+    nccl_debug: str = ""                   # NCCL_DEBUG: VERSION | WARN | INFO | TRACE (unset: errors only)
+    nccl_debug_subsys: str = ""            # NCCL_DEBUG_SUBSYS, e.g. "INIT,NET" (unset: INIT,BOOTSTRAP,ENV)
+    torch_distributed_debug: str = ""      # TORCH_DISTRIBUTED_DEBUG: OFF | INFO | DETAIL (collective checks;
+                                           # DETAIL is slow, for a hang or mismatch hunt only)
+    nccl_ib_disable: bool | None = None    # NCCL_IB_DISABLE: true = no InfiniBand, TCP sockets only
+                                           # (null: NCCL uses IB when it finds it)
+    env: dict[str, Any] = field(default_factory=dict)  # any other variable, set the same way, e.g.
+                                           # {NCCL_NET_GDR_LEVEL: PHB, TORCH_NCCL_ASYNC_ERROR_HANDLING: 1}
+
+    def __post_init__(self) -> None:
+        if self.backend not in DIST_BACKENDS:
+            raise ConfigError(f"dist.backend: unknown value {self.backend!r}; choose one of {list(DIST_BACKENDS)}")
+        if not isinstance(self.timeout_minutes, int) or self.timeout_minutes < 1:
+            raise ConfigError(f"dist.timeout_minutes: must be >= 1, got {self.timeout_minutes!r}")
+        if self.nccl_debug.upper() not in NCCL_DEBUG:
+            raise ConfigError(f"dist.nccl_debug: unknown value {self.nccl_debug!r}; choose one of {list(NCCL_DEBUG[1:])}")
+        if self.torch_distributed_debug.upper() not in TORCH_DISTRIBUTED_DEBUG:
+            raise ConfigError(f"dist.torch_distributed_debug: unknown value {self.torch_distributed_debug!r}; "
+                              f"choose one of {list(TORCH_DISTRIBUTED_DEBUG[1:])}")
+        for key in self.env:
+            if not str(key).replace("_", "").isalnum():
+                raise ConfigError(f"dist.env: {key!r} is not an environment variable name")
+
+    def environment(self) -> dict[str, str]:
+        """The variables these settings set (only the non-empty ones)."""
+        out: dict[str, str] = {}
+        if self.socket_ifname:
+            out["NCCL_SOCKET_IFNAME"] = self.socket_ifname
+            if not self.socket_ifname.startswith("^") and not self.socket_ifname.startswith("="):
+                out["GLOO_SOCKET_IFNAME"] = self.socket_ifname
+        if self.nccl_debug:
+            out["NCCL_DEBUG"] = self.nccl_debug.upper()
+        if self.nccl_debug_subsys:
+            out["NCCL_DEBUG_SUBSYS"] = self.nccl_debug_subsys
+        if self.torch_distributed_debug:
+            out["TORCH_DISTRIBUTED_DEBUG"] = self.torch_distributed_debug.upper()
+        if self.nccl_ib_disable is not None:
+            out["NCCL_IB_DISABLE"] = "1" if self.nccl_ib_disable else "0"
+        for key, value in self.env.items():
+            out[str(key)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        return out
 
 
 @dataclass
