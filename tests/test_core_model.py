@@ -232,3 +232,25 @@ def test_hasi_memory_bounded_passes_give_the_same_result():
     from thanora_ds.initializer import _input_groups
     groups = _input_groups(model, adapters, batches[0][0])
     assert len(groups) == 8 and [len(g) for g in groups[:4]] == [3, 1, 2, 1]
+
+
+def test_spr_keeps_activation_checkpointing_layer_by_layer():
+    """The penalty's backward must not trigger every layer's recomputation at once (that would hold all
+    layers' activations and undo checkpointing): recomputation and gradients still go layer by layer."""
+    model = tiny_llama(layers=3)
+    adapters = inject_thanora(model, ThanoraConfig(rank=8, spr_lambda=1.0), 3)
+    with torch.no_grad():
+        for a in adapters.values():
+            a.lora_B.normal_()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    events, phase = [], ["forward"]
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a, i=i: events.append((phase[0], "run", i)))
+        layer.mlp.down_proj.lora_B.register_hook(lambda g, i=i: events.append((phase[0], "grad", i)))
+    batch = synthetic_batches(3)[0][0]
+    loss = model(**forward_batch(batch), labels=batch["labels"]).loss + spr_loss(adapters.values())
+    phase[0] = "backward"
+    loss.backward()
+    assert [e[1:] for e in events if e[0] == "backward"] == [
+        ("run", 2), ("grad", 2), ("run", 1), ("grad", 1), ("run", 0), ("grad", 0)]
