@@ -89,22 +89,42 @@ def export_peft(model: nn.Module, out_dir: str | Path, base_path: str = "") -> N
     if not adapters:
         raise ValueError("export_peft: the model has no ThanoRA adapters")
     first: ThanoraLinear = next(iter(adapters.values()))
-    corda = first.corda_A0 is not None
-    tensors: dict[str, torch.Tensor] = {}
-    for name, adapter in adapters.items():
-        a, b = peft_pair(adapter.lora_A, adapter.lora_B, adapter.corda_A0, adapter.corda_B0)
-        tensors[_peft_key(name, "lora_A.weight")] = a.detach().contiguous().cpu()
-        tensors[_peft_key(name, "lora_B.weight")] = b.detach().contiguous().cpu()
-    modules_to_save = None
+    layers = {name: (a.lora_A, a.lora_B, a.corda_A0, a.corda_B0) for name, a in adapters.items()}
+    projector_params = {}
     projector = multimodal_projector(model)
     if projector is not None and any(p.requires_grad for p in projector.parameters()):
         proj_name = next(n for n, m in model.named_modules() if m is projector)
-        modules_to_save = [proj_name.split(".")[-1]]
-        for pname, p in projector.named_parameters():
-            tensors[_peft_key(proj_name, pname)] = p.detach().contiguous().cpu()
+        projector_params = {f"{proj_name}.{n}": p for n, p in projector.named_parameters()}
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
-    cfg = peft_config(list(adapters), first.rank, first.alpha, first.rslora, dropout, base_path, modules_to_save, corda)
+    write_peft(out_dir, layers, projector_params, first.rank, first.alpha, first.rslora, dropout, base_path)
+
+
+@torch.no_grad()
+def write_peft(out_dir: str | Path, layers: dict, projector: dict[str, torch.Tensor] | None, rank: int, alpha: float,
+               rslora: bool, dropout: float, base_path: str = "") -> None:
+    """The PEFT files from plain tensors: ``layers`` maps module name -> (A, B, A_0 or None, B_0 or None);
+    ``projector`` maps full parameter names of a trained projector to values (saved as ``modules_to_save``)."""
+    corda = next(iter(layers.values()))[2] is not None
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (lora_a, lora_b, a0, b0) in layers.items():
+        a, b = peft_pair(lora_a, lora_b, a0, b0)
+        tensors[_peft_key(name, "lora_A.weight")] = a.detach().contiguous().cpu()
+        tensors[_peft_key(name, "lora_B.weight")] = b.detach().contiguous().cpu()
+    modules_to_save = None
+    if projector:
+        modules_to_save = sorted({_module_to_save(n) for n in projector})
+        for full_name, p in projector.items():
+            tensors[f"base_model.model.{full_name}"] = p.detach().contiguous().cpu()
+    cfg = peft_config(list(layers), rank, alpha, rslora, dropout, base_path, modules_to_save, corda)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _module_to_save(param_name: str) -> str:
+    """PEFT names a module to save by its last name component: that of the projector holding the parameter."""
+    parts = param_name.split(".")
+    if "multi_modal_projector" not in parts:
+        raise ValueError(f"write_peft: {param_name} is not a multimodal projector parameter")
+    return "multi_modal_projector"

@@ -1,0 +1,208 @@
+"""Per-task evaluation on the eval splits: batched greedy generation scored per task, and per-task loss.
+
+The eval split is the one training held out (``data.splits``: deterministic from the data config's seed, task
+names and sizes, independent of world size), encoded with the model's own chat template exactly as in
+training. For each example the prompt is the conversation up to its last assistant turn (with the generation
+prompt), the reference is that turn's text as written in the data file; generation stops at the template's
+end-of-turn token or EOS. The loss is the training loss (next-token cross-entropy over every assistant token)
+averaged over a task's tokens.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import DataConfig, IGNORE_INDEX, MultiTaskData, collate_batch, load_records
+from .scorers import score_task
+
+log = logging.getLogger("thanora_ds.evaluate")
+
+
+@dataclass
+class EvalItem:
+    task: str
+    id: str
+    example: dict                 # input_ids, labels, task_id (, pixel_values)
+    prompt_ids: list[int]         # up to the start of the last assistant turn
+    reference: str
+    stop_id: int | None = None    # the template's end-of-turn token (first special token after the answer)
+
+
+@dataclass
+class TaskResult:
+    task: str
+    scorer: str
+    n: int
+    score: float | None
+    loss: float | None
+    loss_tokens: int
+    generated_tokens: int = 0
+    predictions: list[dict] = field(default_factory=list)
+
+
+def last_answer_start(labels: list[int]) -> int:
+    """Index of the first token of the last assistant turn (the last run of labels != -100)."""
+    i = len(labels) - 1
+    while i >= 0 and labels[i] == IGNORE_INDEX:
+        i -= 1
+    if i < 0:
+        raise ValueError("an eval example has no label")
+    while i > 0 and labels[i - 1] != IGNORE_INDEX:
+        i -= 1
+    return i
+
+
+def eval_items(data: MultiTaskData, tokenizer, tasks: list[str] | None = None, limit: int = 0) -> dict[str, list[EvalItem]]:
+    """The eval examples of each task with their prompts and reference answers."""
+    references: dict[tuple[str, str], list[str]] = {}
+    for task, records in load_records(data.config).by_task.items():
+        for rec in records:
+            last = next(m["content"] for m in reversed(rec.messages) if m["role"] == "assistant")
+            references.setdefault((task, rec.id), []).append(last)
+    special = set(tokenizer.all_special_ids)
+    out = {}
+    for task in tasks or data.tasks:
+        if task not in data.eval:
+            raise ValueError(f"--tasks: unknown task {task!r}; the data has {data.tasks}")
+        items = []
+        examples = data.eval[task]
+        for k in range(len(examples) if not limit else min(limit, len(examples))):
+            ex = examples[k]
+            start = last_answer_start(ex["labels"])
+            answer = [t for t in ex["labels"][start:] if t != IGNORE_INDEX]
+            stop = next((t for t in answer if t in special), None)
+            refs = references.get((task, ex["id"]), [])
+            if len(set(refs)) == 1:
+                reference = refs[0]
+            else:  # id not unique in the files: the reference is the label tokens themselves
+                reference = tokenizer.decode([t for t in answer if t not in special]).strip()
+            items.append(EvalItem(task, ex["id"], ex, ex["input_ids"][:start], reference, stop))
+        out[task] = items
+    return out
+
+
+def _model_device_dtype(model):
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+@torch.no_grad()
+def task_loss(model, items: list[EvalItem], pad_id: int, batch_size: int) -> tuple[float | None, int]:
+    from .trainer import token_losses
+
+    device, dtype = _model_device_dtype(model)
+    total, tokens = 0.0, 0
+    for s in range(0, len(items), batch_size):
+        batch = collate_batch([it.example for it in items[s:s + batch_size]], pad_id)
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") }
+        if "pixel_values" in batch:
+            inputs["pixel_values"] = batch["pixel_values"].to(device, dtype)
+        logits = model(**inputs, use_cache=False).logits
+        per_token = token_losses(logits, batch["labels"].to(device))
+        total += float(per_token.double().sum())
+        tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return (total / tokens if tokens else None), tokens
+
+
+@torch.no_grad()
+def generate(model, items: list[EvalItem], tokenizer, batch_size: int, max_new_tokens: int) -> tuple[list[str], int, float]:
+    """Greedy answers (in ``items`` order), the number of generated tokens, and the seconds spent generating."""
+    device, dtype = _model_device_dtype(model)
+    pad = tokenizer.pad_token_id
+    gen = copy.deepcopy(model.generation_config)
+    stops = {t for t in ([gen.eos_token_id] if isinstance(gen.eos_token_id, int) else (gen.eos_token_id or []))}
+    stops |= {tokenizer.eos_token_id} | {it.stop_id for it in items if it.stop_id is not None}
+    stops.discard(None)
+    gen.update(do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1, max_new_tokens=max_new_tokens,
+               eos_token_id=sorted(stops), pad_token_id=pad)
+    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids))  # little padding per batch
+    texts: list[str] = [""] * len(items)
+    n_tokens, seconds = 0, 0.0
+    for s in range(0, len(order), batch_size):
+        chunk = [items[i] for i in order[s:s + batch_size]]
+        width = max(len(it.prompt_ids) for it in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, it in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            ids[b, width - len(it.prompt_ids):] = torch.tensor(it.prompt_ids)
+            mask[b, width - len(it.prompt_ids):] = 1
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        pixels = [it.example["pixel_values"] for it in chunk if it.example.get("pixel_values") is not None]
+        if pixels:
+            inputs["pixel_values"] = torch.cat(pixels).to(device, dtype)
+        t0 = time.perf_counter()
+        out = model.generate(**inputs, generation_config=gen, use_cache=True)
+        seconds += time.perf_counter() - t0
+        for b, i in enumerate(order[s:s + batch_size]):
+            new = out[b, width:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in stops), None)
+            n_tokens += len(new) if cut is None else cut + 1
+            texts[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+    return texts, n_tokens, seconds
+
+
+def evaluate(model, data: MultiTaskData, tokenizer, batch_size: int = 8, max_new_tokens: int = 128,
+             tasks: list[str] | None = None, limit: int = 0, with_loss: bool = True, with_generation: bool = True) -> dict:
+    """Scores and losses of every task; the returned dict is what ``eval.json`` holds (predictions apart)."""
+    cfg: DataConfig = data.config
+    results: list[TaskResult] = []
+    gen_tokens, gen_seconds = 0, 0.0
+    for task, items in eval_items(data, tokenizer, tasks, limit).items():
+        settings = cfg.tasks.get(task)
+        scorer = settings.scorer if settings else "exact_match"
+        choices = settings.choices if settings else None
+        loss, loss_tokens = task_loss(model, items, data.pad_token_id, batch_size) if with_loss else (None, 0)
+        result = TaskResult(task, scorer, len(items), None, loss, loss_tokens)
+        if with_generation and items:
+            texts, n, sec = generate(model, items, tokenizer, batch_size, max_new_tokens)
+            scores = score_task(scorer, texts, [it.reference for it in items], choices, task)
+            result.score = sum(scores) / len(scores)
+            result.generated_tokens = n
+            result.predictions = [{"task": task, "id": it.id, "prediction": t, "reference": it.reference, "score": sc}
+                                  for it, t, sc in zip(items, texts, scores)]
+            gen_tokens += n
+            gen_seconds += sec
+        log.info("%s: %d examples, %s %s, loss %s", task, len(items), scorer,
+                 "-" if result.score is None else f"{result.score:.4f}", "-" if loss is None else f"{loss:.4f}")
+        results.append(result)
+    scored = [r.score for r in results if r.score is not None]
+    return {
+        "tasks": {r.task: {k: v for k, v in r.__dict__.items() if k not in ("task", "predictions")} for r in results},
+        "mean_score": sum(scored) / len(scored) if scored else None,
+        "generation": {"tokens": gen_tokens, "seconds": gen_seconds,
+                       "tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else None},
+        "predictions": [p for r in results for p in r.predictions],
+    }
+
+
+def markdown_table(report: dict, title: str = "") -> str:
+    def fmt(v, digits=4):
+        return "-" if v is None else f"{v:.{digits}f}"
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| task | scorer | n | score | loss |", "|---|---|---:|---:|---:|"]
+    for task, r in report["tasks"].items():
+        lines.append(f"| {task} | {r['scorer']} | {r['n']} | {fmt(r['score'])} | {fmt(r['loss'])} |")
+    losses = [r["loss"] for r in report["tasks"].values() if r["loss"] is not None]
+    lines.append(f"| **mean** | | | {fmt(report['mean_score'])} | {fmt(sum(losses) / len(losses) if losses else None)} |")
+    g = report["generation"]
+    if g["tokens"]:
+        lines += ["", f"Generation: {g['tokens']} tokens in {g['seconds']:.1f} s ({fmt(g['tokens_per_s'], 1)} tokens/s)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: str | Path, title: str = "") -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = report.get("predictions", [])
+    body = {k: v for k, v in report.items() if k != "predictions"}
+    (out / "eval.json").write_text(json.dumps(body, indent=1))
+    (out / "eval.md").write_text(markdown_table(report, title))
+    with open(out / "predictions.jsonl", "w") as f:
+        for p in predictions:
+            f.write(json.dumps(p) + "\n")
