@@ -70,7 +70,7 @@ def make_run(tmp: Path, llava: bool = False, seed: int = 0, **overrides) -> Path
     cls(config).save_pretrained(model_dir)
     sources = write_data(tmp / "data", image="yes" if llava else None)
     cfg = {
-        "model": {"path": str(model_dir), "dtype": "fp32", "attn_implementation": "sdpa",
+        "model": {"path": str(model_dir), "dtype": "fp32", "attn_implementation": "auto",
                   "activation_checkpointing": True},
         "data": {"sources": [dict(s, path=str(tmp / "data" / s["path"])) for s in sources],
                  "image_folder": str(tmp / "data" / "images") if llava else None,
@@ -79,7 +79,7 @@ def make_run(tmp: Path, llava: bool = False, seed: int = 0, **overrides) -> Path
                     "train_projector": llava},
         "train": {"output_dir": str(tmp / "out"), "micro_batch_size": 2, "gradient_accumulation_steps": 2,
                   "max_steps": 4, "lr": 5e-3, "warmup_steps": 1, "max_grad_norm": 1.0, "adam_eps": 1e-8, "save_every": 0, "keep_last": 2,
-                  "preview_batch_size": 3, "seed": 1, "tensorboard": False},
+                  "preview_batch_size": 3, "seed": 1, "tensorboard": True},
         "deepspeed": {"config": "ds_configs/zero3.json",
                       "overrides": {"zero_optimization.stage3_param_persistence_threshold": 0}},
     }

@@ -121,8 +121,12 @@ def test_zero3_two_ranks_match_single_process_without_deepspeed(straight):
         assert m["grad_norm"] == pytest.approx(norm, rel=1e-4)
     assert metrics[-1]["spr"] > 0   # SPR really was on
     assert_same_weights(final_weights(tmp / "out"), ref_weights)
-    # per-task losses are logged for every task
+    # per-task losses are logged for every task, in metrics.jsonl and TensorBoard
     assert {k for k in metrics[-1] if k.startswith("loss/")} == {"loss/color", "loss/count", "loss/story"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp / "out" / "tensorboard")).Reload()
+    assert {"train/loss", "train/spr", "train/grad_norm", "loss/story"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("train/loss")) == STEPS
 
 
 def test_hasi_is_world_size_invariant(tmp_path):
@@ -231,3 +235,12 @@ def test_checkpoint_from_another_run_is_refused_before_model_load(tmp_path):
     assert "Loading weights" not in proc.stderr  # refused before the model was loaded
     proc = launch(config, 2, "train.max_steps=4", check=False)
     assert proc.returncode != 0 and "written by 1 ranks and this run has 2" in proc.stderr
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
+    config = make_run(tmp_path, train__max_steps=6, train__lr=1e6, train__max_grad_norm=0.0, train__warmup_steps=0)
+    proc = launch(config, 0, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "non-finite" in proc.stderr and "before the optimizer step" in proc.stderr
+    steps = read_metrics(tmp_path / "out")
+    assert len(steps) < 6 and all(math.isfinite(m["loss"]) for m in steps)

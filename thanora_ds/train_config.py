@@ -18,8 +18,16 @@ from .config import ConfigError, ThanoraConfig, apply_overrides, from_dict, read
 from .data import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 DTYPES = ("fp32", "bf16")
+
+
+def flash_attention_available() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
 @dataclass
@@ -27,7 +35,7 @@ class ModelConfig:
     path: str = ""                        # Hugging Face model directory (from_pretrained)
     processor_path: str | None = None     # tokenizer / processor directory; default: path
     dtype: str = "fp32"                   # fp32 | bf16
-    attn_implementation: str = "sdpa"     # sdpa | eager | flash_attention_2 (needs flash-attn)
+    attn_implementation: str = "auto"     # auto: flash_attention_2 on CUDA with flash-attn installed, else sdpa
     activation_checkpointing: bool = True
 
 
@@ -147,11 +155,11 @@ class TrainConfig:
         if m.attn_implementation not in ATTENTION:
             raise ConfigError(f"model.attn_implementation: unknown value {m.attn_implementation!r}; "
                               f"choose one of {list(ATTENTION)}")
-        if m.attn_implementation == "flash_attention_2":
-            import importlib.util
-            if importlib.util.find_spec("flash_attn") is None:
-                raise ConfigError("model.attn_implementation: flash_attention_2 needs flash-attn, which is not "
-                                  "installed (pip install -e .[gpu] on a CUDA machine) ; use sdpa")
+        if m.attn_implementation == "flash_attention_2" and not flash_attention_available():
+            raise ConfigError("model.attn_implementation: flash_attention_2 needs flash-attn and a CUDA GPU, "
+                              "which this machine lacks (pip install -e .[gpu] on a CUDA machine); use sdpa or auto")
+        if m.attn_implementation == "auto":
+            m.attn_implementation = "flash_attention_2" if flash_attention_available() else "sdpa"
         for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "keep_last", "log_every",
                     "preview_batch_size"):
             if getattr(t, key) < 1:

@@ -1,0 +1,54 @@
+"""Run configs: YAML + overrides into typed dataclasses; every mistake names its key before any work."""
+import pytest
+
+from thanora_ds.config import ConfigError
+from thanora_ds.train_config import load_train_config
+from run_fixtures import make_run
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("cfg"))
+
+
+def test_overrides_are_typed_and_applied(config):
+    cfg = load_train_config(config, ["thanora.rank=12", "train.lr=1e-3", "thanora.targets=[q_proj, v_proj]",
+                                     "deepspeed.overrides={zero_optimization.stage: 2}"])
+    assert cfg.thanora.rank == 12 and cfg.train.lr == 1e-3 and cfg.thanora.targets == ["q_proj", "v_proj"]
+    assert cfg.deepspeed.overrides == {"zero_optimization.stage": 2}
+    assert cfg.model.attn_implementation == "sdpa"   # auto on a machine without CUDA/flash-attn
+    assert cfg.data.sources and cfg.data.max_length == 64
+
+
+@pytest.mark.parametrize("override,key", [
+    ("thanora.rnak=3", "thanora.rnak"),
+    ("train.lr=fast", "train.lr"),
+    ("train.micro_batch_size=0", "train.micro_batch_size"),
+    ("thanora.mode=svd", "thanora.mode"),
+    ("thanora.tau=-1", "thanora.tau"),
+    ("thanora.spr_lambda=-0.1", "thanora.spr_lambda"),
+    ("model.dtype=fp16", "model.dtype"),
+    ("model.attn_implementation=flash_attention_2", "model.attn_implementation"),
+    ("model.path=/nonexistent", "model.path"),
+    ("deepspeed.config=nope.json", "deepspeed.config"),
+    ("data.mixing=random", "data.mixing"),
+    ("data.bogus=1", "bogus"),
+])
+def test_config_mistakes_name_the_key(config, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_train_config(config, [override])
+
+
+def test_deepspeed_auto_values_filled():
+    from thanora_ds.distributed import fill_deepspeed_config
+    import json
+    from run_fixtures import REPO
+    template = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    filled = fill_deepspeed_config(template, micro_batch_size=4, grad_accum=2, clip=1.0, bf16=True, hidden_size=64,
+                                   overrides={"zero_optimization.stage3_param_persistence_threshold": 0})
+    assert filled["train_batch_size"] == 8 and filled["bf16"]["enabled"] is True
+    assert filled["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert filled["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    with pytest.raises(ValueError, match="gradient_clipping"):
+        fill_deepspeed_config({"gradient_clipping": "auto", "x": {"y": "auto"}}, micro_batch_size=1, grad_accum=1,
+                              clip="auto", bf16=False, hidden_size=8)
