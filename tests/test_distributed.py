@@ -120,6 +120,9 @@ def test_zero3_two_ranks_match_single_process_without_deepspeed(straight):
         assert m["loss"] == pytest.approx(ref, abs=1e-5)
         assert m["grad_norm"] == pytest.approx(norm, rel=1e-4)
     assert metrics[-1]["spr"] > 0   # SPR really was on
+    # built the ZeRO-3 way: each of the 2 ranks held about half of the model right after from_pretrained
+    timings = json.loads((tmp / "out" / "timings.json").read_text())
+    assert timings["parameters_on_rank0_after_load"] <= timings["parameters"] / 2 + 64
     assert_same_weights(final_weights(tmp / "out"), ref_weights)
     # per-task losses are logged for every task, in metrics.jsonl and TensorBoard
     assert {k for k in metrics[-1] if k.startswith("loss/")} == {"loss/color", "loss/count", "loss/story"}

@@ -92,6 +92,19 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def partition_sizes(params: Iterable[torch.nn.Parameter]) -> tuple[int, int]:
+    """(full number of elements, elements this rank holds): under ZeRO-3 the second is ~ 1/world of the first."""
+    total = local = 0
+    for p in params:
+        if is_partitioned(p):
+            total += p.ds_numel
+            local += p.ds_tensor.numel()
+        else:
+            total += p.numel()
+            local += p.numel()
+    return total, local
+
+
 def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = None):
     """Context in which ZeRO-3 partitioned ``params`` hold their full values (a no-op for plain params).
     With ``modifier_rank``, what that rank writes into them is partitioned back on exit."""

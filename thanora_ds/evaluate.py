@@ -120,7 +120,7 @@ def generate(model, items: list[EvalItem], tokenizer, batch_size: int, max_new_t
     stops |= {tokenizer.eos_token_id} | {it.stop_id for it in items if it.stop_id is not None}
     stops.discard(None)
     gen.update(do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1, max_new_tokens=max_new_tokens,
-               eos_token_id=sorted(stops), pad_token_id=pad)
+               eos_token_id=sorted(stops), pad_token_id=pad, use_cache=True)
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids))  # little padding per batch
     texts: list[str] = [""] * len(items)
     n_tokens, seconds = 0, 0.0
@@ -137,7 +137,7 @@ def generate(model, items: list[EvalItem], tokenizer, batch_size: int, max_new_t
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels).to(device, dtype)
         t0 = time.perf_counter()
-        out = model.generate(**inputs, generation_config=gen, use_cache=True)
+        out = model.generate(**inputs, generation_config=gen)
         seconds += time.perf_counter() - t0
         for b, i in enumerate(order[s:s + batch_size]):
             new = out[b, width:].tolist()

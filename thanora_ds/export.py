@@ -307,8 +307,6 @@ def _write_side_files(ckpt: RunCheckpoint, base_path: Path, out: Path, cast) -> 
     """config.json, generation_config.json and the tokenizer or processor, next to the merged weights."""
     from transformers import AutoConfig, GenerationConfig
 
-    from .modeling import is_multimodal
-
     config = AutoConfig.from_pretrained(base_path)
     if cast is not None:
         config.dtype = cast

@@ -127,6 +127,8 @@ class Trainer:
             overrides=cfg.deepspeed.overrides)
         self.zero = D.zero_stage(self.ds_config)
         model = load_model(cfg.model, self.ds_config)
+        self.partition = D.partition_sizes(model.parameters())
+        log.info("model loaded: %d parameters, %d held by this rank", *self.partition)
         self.adapters = inject_thanora(model, cfg.thanora, len(self.tasks))
         optimizer = torch.optim.AdamW(self._param_groups(model), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                       eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
@@ -148,7 +150,8 @@ class Trainer:
         if D.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
-            timings = {"setup_seconds": time.time() - t0, "hasi_seconds": self.hasi_seconds}
+            timings = {"setup_seconds": time.time() - t0, "hasi_seconds": self.hasi_seconds,
+                       "parameters": self.partition[0], "parameters_on_rank0_after_load": self.partition[1]}
             (self.out / "timings.json").write_text(json.dumps(timings))
             self.metrics_file = open(self.out / "metrics.jsonl", "a")
             if cfg.train.tensorboard:
