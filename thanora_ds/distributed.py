@@ -278,8 +278,8 @@ def _derive_master(launcher: str) -> None:
     """MASTER_ADDR / MASTER_PORT for an MPI or srun launch (see adopt_launcher_environment)."""
     comm = _mpi4py_comm() if launcher in ("ompi", "pmi", "pmix") else None
     if comm is not None and comm.Get_size() == int(os.environ["WORLD_SIZE"]):
+        one_host = comm.Split_type(_mpi_shared_type()).Get_size() == comm.Get_size()   # collective: all ranks
         if comm.Get_rank() == 0:
-            one_host = comm.Split_type(_mpi_shared_type()).Get_size() == comm.Get_size()
             addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if one_host else _host_address())
             port = os.environ.get("MASTER_PORT") or str(_free_port())
             choice = (addr, port)
