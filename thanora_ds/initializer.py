@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from . import distributed as D
 from .adapter import ThanoraLinear
@@ -195,15 +196,20 @@ def run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraC
         if missing:
             raise RuntimeError(f"HASI: adapters never called by the preview forward: {missing[:3]}...")
         per_pass = groups_per_pass if groups_per_pass > 0 else len(groups)
+        passes = -(-len(groups) // per_pass)
+        bar = tqdm(total=passes * sum(len(b) for b in task_batches) + len(names), desc="HASI", unit="step",
+                   disable=not D.is_main(), dynamic_ncols=True)
         for start in range(0, len(groups), per_pass):
             chunk = groups[start:start + per_pass]
             collector = _StatisticsCollector(adapters, chunk, num_tasks)
+            bar.set_postfix_str(f"preview pass {start // per_pass + 1}/{passes}")
             try:
                 for t in range(num_tasks):
                     collector.task = t
                     for batch in task_batches[t]:
                         collector.mask = _content_mask(batch, prefix_length)
                         _preview_forward(model, batch)
+                        bar.update(1)
             finally:
                 collector.remove()
             for group in chunk:  # same order on every rank
@@ -215,10 +221,13 @@ def run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraC
                 leader = group[0]
                 counts = collector.counts[leader]
                 covs = [collector.sums[leader][t] / max(float(counts[t]), 1.0) for t in range(num_tasks)]
+                bar.set_postfix_str("decompositions")
                 for name in group:
                     index = names.index(name)
                     _decompose_layer(adapters[name], index, covs, cfg, task_total, entropy, spectra_by_layer)
+                    bar.update(1)
             del collector
+        bar.close()
         warn_thin_tasks(token_counts, tasks, cfg.rank)
         D.all_reduce_sum_(entropy)   # each (layer, task) entry was filled by its owner only
     ranks = allocate_ranks(entropy, types, task_total, cfg.allocation if needs_statistics else "uniform",
