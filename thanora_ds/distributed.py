@@ -319,20 +319,16 @@ def apply_dist_settings(settings) -> dict[str, str]:
     return changed
 
 
-def init_distributed(backend: "str | Any" = "auto", timeout_minutes: int = 30, settings=None) -> None:
-    """Start the process group the way DeepSpeed expects, on GPUs (nccl) or CPUs (gloo).
-
-    ``backend`` may be the whole ``DistConfig`` (``init_distributed(cfg.dist)``): its backend, timeout and
-    NCCL/gloo variables are used; ``settings=cfg.dist`` does the same next to explicit backend/timeout."""
+def init_distributed(settings) -> None:
+    """Start the process group the way DeepSpeed expects, on GPUs (nccl) or CPUs (gloo), from a ``DistConfig``
+    (train_config.py): its backend, timeout and NCCL/gloo variables."""
     import datetime
 
     import deepspeed
     import deepspeed.ops
 
-    if not isinstance(backend, str):
-        settings, backend, timeout_minutes = backend, backend.backend, backend.timeout_minutes
-    if settings is not None:
-        apply_dist_settings(settings)
+    apply_dist_settings(settings)
+    backend, timeout_minutes = settings.backend, settings.timeout_minutes
     adopt_launcher_environment()
     on_cuda = torch.cuda.is_available()
     if not on_cuda:

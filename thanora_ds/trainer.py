@@ -105,7 +105,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        D.init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes)
+        D.init_distributed(cfg.dist)
         self.rank, self.world = D.rank(), D.world_size()
         torch.manual_seed(cfg.train.seed)
         from .modeling import hidden_size, load_model, load_processor
