@@ -180,11 +180,15 @@ class BaseWeights:
         return None
 
     def iter_tensors(self):
-        """(file, key, tensor) in file order, one tensor in memory at a time."""
+        """(file, key, tensor) in file order, one tensor in memory at a time. The file is memory-mapped anew for
+        each tensor: pages of a mapping held open would stay resident and count as a second copy in the RSS."""
         for name in self.files:
             with safe_open(str(self.path / name), "pt") as f:
-                for key in f.keys():
-                    yield name, key, f.get_tensor(key)
+                keys = list(f.keys())
+            for key in keys:
+                with safe_open(str(self.path / name), "pt") as f:
+                    tensor = f.get_tensor(key)
+                yield name, key, tensor
 
 
 def _comparable_config(path: Path) -> dict:
