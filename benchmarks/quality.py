@@ -157,6 +157,9 @@ def free_port() -> int:
 
 
 def git_commit() -> str:
+    """HEAD (+dirty) of the repository, or the COMMIT file of a snapshot (git archive) the benchmark runs from."""
+    if (REPO / "COMMIT").is_file():
+        return (REPO / "COMMIT").read_text().strip() + " (snapshot)"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "thanora_ds", "launchers", "benchmarks/quality.py"],
