@@ -408,6 +408,7 @@ def main(argv=None) -> int:
     p.add_argument("--configs", nargs="*", default=None, help=f"subset/extra of {list(CONFIGS)}")
     p.add_argument("--seeds", nargs="*", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="override the mode's training steps")
+    p.add_argument("--max-length", type=int, default=None, help="override the mode's data.max_length")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="prepared SmolLM2 folder (scripts/prepare_smollm2.py)")
     p.add_argument("--results", default=None, help="default benchmarks/results/<mode>")
     p.add_argument("--work", default=None, help="training outputs (default runs/quality/<mode>)")
@@ -422,6 +423,8 @@ def main(argv=None) -> int:
     settings = json.loads(json.dumps(MODES[mode]))
     if args.max_steps:
         settings["max_steps"] = args.max_steps
+    if args.max_length:
+        settings["max_length"] = args.max_length
     configs = args.configs or settings["configs"]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:

@@ -1,0 +1,108 @@
+"""Smoke test of the quality benchmark harness (benchmarks/quality.py) with a tiny LLaMA, not SmolLM2:
+job planning, every configuration's run config through the real config loader, one real job end to end
+(train with HASI + evaluate + table/plot/allocation copy), resume-by-skip, and the aggregation maths."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _quality():
+    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch
+    from tiny_assets import make_llama_tokenizer
+    from tiny_models import llama_config
+    from transformers import LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    tok = make_llama_tokenizer(d)
+    cfg = llama_config(len(tok))
+    cfg.pad_token_id, cfg.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def test_job_plan_and_run_configs_load(tiny_model, tmp_path):
+    from thanora_ds.train_config import load_train_config
+
+    q = _quality()
+    full = q.MODES["full"]
+    jobs = q.jobs_for(full, full["configs"], full["seeds"])
+    names = [q.job_name(j["config"], j["seed"], j["task"]) for j in jobs]
+    assert len(names) == len(set(names)) == 3 * (8 + len(q.TASKS))
+    # the main comparison comes first, for every seed
+    assert names[:9] == [f"{c}-seed{s}" for s in (0, 1, 2) for c in ("base", "lora", "thanora")]
+    for job in jobs:
+        if job["config"] == "base":
+            continue
+        cfg_dict = q.run_config(full, job, str(tiny_model), str(tmp_path / "out"))
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps(cfg_dict))
+        cfg = load_train_config(path)   # unknown keys / bad values would raise here
+        assert cfg.train.seed == cfg.thanora.init_seed == cfg.data.seed == job["seed"]
+        if job["task"]:
+            assert [s.path for s in cfg.data.sources] == [str(q.TASK_SOURCES[job["task"]][0])]
+            assert cfg.train.max_steps == q.per_task_steps(full)
+        else:
+            assert len(cfg.data.sources) == 4 and cfg.train.max_steps == full["max_steps"]
+        th = cfg.thanora
+        if job["config"] in ("lora", "per_task_lora"):
+            assert (th.mode, th.allocation, th.spr_lambda) == ("random", "uniform", 0.0)
+
+
+def test_one_job_end_to_end_and_resume(tiny_model, tmp_path):
+    results, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--quick", "--configs", "thanora",
+           "--model", str(tiny_model), "--max-length", "1024", "--results", str(results), "--work", str(work)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    r = json.loads((results / "runs" / "thanora-seed0.json").read_text())
+    assert set(r["tasks"]) == {"gsm8k", "sentiment", "country_qa", "arithmetic"}
+    assert all(0.0 <= v["score"] <= 1.0 and v["loss"] > 0 for v in r["tasks"].values())
+    for f in ("table.md", "results.json", "quality.png", "allocation_thanora.png"):
+        assert (results / f).is_file(), f
+    assert not (work / "thanora-seed0" / "checkpoints").exists()   # deleted after evaluation
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert again.returncode == 0 and "1 already done, 0 to run" in again.stdout
+
+
+def test_aggregate_mean_std_and_paired_delta(tmp_path):
+    q = _quality()
+    settings = q.MODES["full"]
+    (tmp_path / "runs").mkdir()
+
+    def write(config, seed, scores, task=None):
+        name = q.job_name(config, seed, task)
+        tasks = {t: {"score": s, "loss": 1.0, "n": 4, "scorer": "x"} for t, s in scores.items()}
+        (tmp_path / "runs" / f"{name}.json").write_text(json.dumps({"name": name, "tasks": tasks, "seconds": 10,
+                                                                    "commit": "c"}))
+    for seed, (a, b) in enumerate([(0.2, 0.3), (0.4, 0.6)]):
+        write("lora", seed, {t: a for t in q.TASKS})
+        write("thanora", seed, {t: b for t in q.TASKS})
+        for t in q.TASKS:
+            write("per_task_lora", seed, {t: 1.0}, task=t)
+    agg = q.aggregate(tmp_path, ["lora", "thanora", "per_task_lora"], [0, 1, 2], settings)
+    m, s, n = agg["thanora"]["stats"]["mean"]
+    assert (round(m, 6), n) == (0.45, 2) and abs(s - 0.2121320) < 1e-6
+    d = agg["thanora"]["delta_vs_lora"]
+    assert abs(d[0] - 0.15) < 1e-9 and abs(d[1] - 0.0707107) < 1e-6 and d[2] == 2
+    assert agg["per_task_lora"]["stats"]["mean"][:2] == (1.0, 0.0)
+    text = q.markdown(agg, settings, {"mode": "full", "command": "x", "commit": "c", "job_seconds": 60, "n_done": 6,
+                                      "n_jobs": 6, "when": "now", "seeds": [0, 1, 2]})
+    assert "0.450 ± 0.212" in text and "+0.150 ± 0.071" in text
