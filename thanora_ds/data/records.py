@@ -22,7 +22,7 @@ from .errors import DataValidationError, Problem, ProblemLog, RecordProblem
 
 IMAGE_PLACEHOLDER = "<image>"
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-CHAT_ROLES = {"system", "user", "assistant"}
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 
 
 @dataclass
@@ -236,44 +236,33 @@ def _detect_format(raw: dict) -> str:
     )
 
 
-def _llava_messages(raw: dict):
-    conv = raw.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        raise RecordProblem("conversations", "missing or empty (expected a list of {from, value} turns)")
+def _turns(raw: dict, list_key: str, role_key: str, text_key: str, roles: dict[str, str], what: str):
+    """Messages [{role, content}] and, per message index, the record field holding its text."""
+    turns = raw.get(list_key)
+    if not isinstance(turns, list) or not turns:
+        raise RecordProblem(list_key, f"missing or empty (expected a list of {{{role_key}, {text_key}}} {what}s)")
     messages, fields = [], {}
-    for i, turn in enumerate(conv):
-        f = f"conversations[{i}]"
+    for i, turn in enumerate(turns):
+        f = f"{list_key}[{i}]"
         if not isinstance(turn, dict):
-            raise RecordProblem(f, f"a turn must be an object, got {type(turn).__name__}")
-        who = turn.get("from")
-        if who not in LLAVA_ROLES:
-            raise RecordProblem(f"{f}.from", f"unknown role {who!r}; expected one of {sorted(LLAVA_ROLES)}")
-        value = turn.get("value")
-        if not isinstance(value, str):
-            raise RecordProblem(f"{f}.value", f"missing or not a string ({value!r})")
-        messages.append({"role": LLAVA_ROLES[who], "content": value})
-        fields[str(i)] = f"{f}.value"
+            raise RecordProblem(f, f"a {what} must be an object, got {type(turn).__name__}")
+        role = turn.get(role_key)
+        if role not in roles:
+            raise RecordProblem(f"{f}.{role_key}", f"unknown role {role!r}; expected one of {sorted(roles)}")
+        text = turn.get(text_key)
+        if not isinstance(text, str):
+            raise RecordProblem(f"{f}.{text_key}", f"missing or not a string ({text!r})")
+        messages.append({"role": roles[role], "content": text})
+        fields[str(i)] = f"{f}.{text_key}"
     return messages, fields
+
+
+def _llava_messages(raw: dict):
+    return _turns(raw, "conversations", "from", "value", LLAVA_ROLES, "turn")
 
 
 def _chat_messages(raw: dict):
-    msgs = raw.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise RecordProblem("messages", "missing or empty (expected a list of {role, content} messages)")
-    messages, fields = [], {}
-    for i, m in enumerate(msgs):
-        f = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise RecordProblem(f, f"a message must be an object, got {type(m).__name__}")
-        role = m.get("role")
-        if role not in CHAT_ROLES:
-            raise RecordProblem(f"{f}.role", f"unknown role {role!r}; expected one of {sorted(CHAT_ROLES)}")
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise RecordProblem(f"{f}.content", f"missing or not a string ({content!r})")
-        messages.append({"role": role, "content": content})
-        fields[str(i)] = f"{f}.content"
-    return messages, fields
+    return _turns(raw, "messages", "role", "content", CHAT_ROLES, "message")
 
 
 def _prompt_response_messages(raw: dict):
