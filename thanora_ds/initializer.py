@@ -88,10 +88,12 @@ def _input_groups(model: nn.Module, adapters: dict[str, ThanoraLinear], batch: d
         for h in hooks:
             h.remove()
     groups: list[list[str]] = []
+    seen: set[str] = set()
     last = None
     for name, x in order:
-        if name in (g for grp in groups for g in grp):
+        if name in seen:
             continue  # a layer run twice (shared module): keep its first group
+        seen.add(name)
         if last is not None and x is last:
             groups[-1].append(name)
         else:
