@@ -414,6 +414,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="training outputs (default runs/quality/<mode>)")
     p.add_argument("--report-only", action="store_true", help="only rebuild table/plot from finished jobs")
     p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--workers", type=int, default=1,
+                   help="jobs run at once (each with cpu_count / N threads); 2 uses a shared 2-core machine better, "
+                        "since evaluation runs on one thread")
     p.add_argument("--_job", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._job:
@@ -450,8 +453,14 @@ def main(argv=None) -> int:
     todo = [j for j in jobs if not (results / "runs" / f"{job_name(j['config'], j['seed'], j['task'])}.json").is_file()]
     print(f"[quality] mode {mode}: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run; "
           f"results {results}, work {work_root}, commit {commit}", flush=True)
-    failures = 0
-    for i, job in enumerate(todo):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+    failures = []
+    threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
+
+    def run_one(i: int, job: dict) -> None:
         name = job_name(job["config"], job["seed"], job["task"])
         work = work_root / name
         work.mkdir(parents=True, exist_ok=True)
@@ -462,24 +471,32 @@ def main(argv=None) -> int:
                 if job["config"] != "base" else None}
         spec_path = work / "job.json"
         spec_path.write_text(json.dumps(spec, indent=1))
-        env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(free_port())
+        job_env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        if threads:
+            job_env["OMP_NUM_THREADS"] = str(threads)
         t0 = time.time()
         print(f"[quality] {time.strftime('%H:%M:%S')} job {i + 1}/{len(todo)} {name} ...", flush=True)
         with open(work / "log.txt", "a") as log:
             rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_job", str(spec_path)],
-                                cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                                cwd=str(REPO), env=job_env, stdout=log, stderr=subprocess.STDOUT).returncode
         took = time.time() - t0
         if rc != 0:
-            failures += 1
+            failures.append(name)
             print(f"[quality] {name} FAILED (exit {rc}, {took:.0f}s); see {work / 'log.txt'}", flush=True)
-            continue
+            return
         r = json.loads((results / "runs" / f"{name}.json").read_text())
-        print(f"[quality] {name} done in {took:.0f}s: " + ", ".join(f"{t} {v['score']:.3f}" for t, v in r["tasks"].items())
+        print(f"[quality] {time.strftime('%H:%M:%S')} {name} done in {took:.0f}s: "
+              + ", ".join(f"{t} {v['score']:.3f}" for t, v in r["tasks"].items())
               + (f" (train {r['train_seconds']:.0f}s, eval {r['eval_seconds']:.0f}s)" if "train_seconds" in r else ""),
               flush=True)
-        report(results, work_root, mode, settings, configs, seeds, len(jobs), command)
+        with lock:
+            report(results, work_root, mode, settings, configs, seeds, len(jobs), command)
+
+    # jobs start in plan order; with --workers N, N run at once (each with cpu_count / N threads)
+    with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        list(pool.map(lambda a: run_one(*a), enumerate(todo)))
     report(results, work_root, mode, settings, configs, seeds, len(jobs), command)
-    print(f"[quality] finished {len(todo) - failures}/{len(todo)} jobs in {(time.time() - t_start) / 60:.1f} min; "
+    print(f"[quality] finished {len(todo) - len(failures)}/{len(todo)} jobs in {(time.time() - t_start) / 60:.1f} min; "
           f"table {results / 'table.md'}", flush=True)
     return 1 if failures else 0
 
