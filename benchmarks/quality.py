@@ -288,6 +288,8 @@ def aggregate(results_dir: Path, configs: list[str], seeds: list[int], settings:
                 losses = {t: v["loss"] for t, v in r["tasks"].items()}
                 secs.append(r["seconds"])
             scores["mean"] = sum(scores.values()) / len(scores)
+            if all(v is not None for v in losses.values()):
+                losses["mean"] = sum(losses.values()) / len(losses)
             per_seed[seed], loss_seed[seed] = scores, losses
         if not per_seed:
             continue
@@ -295,7 +297,8 @@ def aggregate(results_dir: Path, configs: list[str], seeds: list[int], settings:
         stats = {k: _mean_std([s[k] for s in per_seed.values()]) + (len(per_seed),) for k in keys}
         lstats = {k: _mean_std([s[k] for s in loss_seed.values() if s.get(k) is not None])
                   for k in next(iter(loss_seed.values()))}
-        out[config] = {"seeds": per_seed, "stats": stats, "loss": lstats, "seconds": sum(secs)}
+        out[config] = {"seeds": per_seed, "stats": stats, "loss": lstats, "loss_seeds": loss_seed,
+                       "seconds": sum(secs)}
     # paired difference of the mean score against plain LoRA, over the seeds both have
     if "lora" in out:
         for config, v in out.items():
@@ -303,6 +306,9 @@ def aggregate(results_dir: Path, configs: list[str], seeds: list[int], settings:
             if common and config != "lora":
                 d = [v["seeds"][s]["mean"] - out["lora"]["seeds"][s]["mean"] for s in common]
                 v["delta_vs_lora"] = _mean_std(d) + (len(common),)
+                if all("mean" in x for x in (v["loss"], out["lora"]["loss"])):
+                    dl = [v["loss_seeds"][s]["mean"] - out["lora"]["loss_seeds"][s]["mean"] for s in common]
+                    v["loss_delta_vs_lora"] = _mean_std(dl) + (len(common),)
     return out
 
 
@@ -332,11 +338,15 @@ def markdown(agg: dict, settings: dict, info: dict) -> str:
         delta = f"{d[0]:+.3f} ± {d[1]:.3f}" if d else ""
         lines.append(f"| {config} ({CONFIGS[config][1]}) | " + " | ".join(cells) + f" | {mean} | {delta} | "
                      f"{st['mean'][2]} | {v['seconds']:.0f} |")
-    lines += ["", "Per-task eval loss (response tokens, mean over seeds):", "",
-              "| configuration | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    lines += ["", "Per-task eval loss (mean next-token cross-entropy on the reference response tokens of the same eval "
+              "examples; lower is better; mean ± std over seeds; Δ vs LoRA paired over seeds):", "",
+              "| configuration | " + " | ".join(tasks) + " | mean | Δ mean vs LoRA |", "|---|" + "---:|" * (len(tasks) + 2)]
     for config, v in agg.items():
-        lines.append(f"| {config} | " + " | ".join(f"{v['loss'][t][0]:.3f}" if t in v["loss"] else "-"
-                                                   for t in tasks) + " |")
+        lo = v["loss"]
+        d = v.get("loss_delta_vs_lora")
+        lines.append(f"| {config} | " + " | ".join(f"{lo[t][0]:.3f} ± {lo[t][1]:.3f}" if t in lo else "-" for t in tasks)
+                     + (f" | **{lo['mean'][0]:.3f} ± {lo['mean'][1]:.3f}**" if "mean" in lo else " | -")
+                     + (f" | {d[0]:+.3f} ± {d[1]:.3f} |" if d else " | |"))
     lines += ["", "Per seed (mean score over tasks):", "", "| configuration | " +
               " | ".join(f"seed {s}" for s in info["seeds"]) + " |", "|---|" + "---:|" * len(info["seeds"])]
     for config, v in agg.items():
@@ -386,8 +396,9 @@ def report(results_dir: Path, work_root: Path, mode: str, settings: dict, config
     (results_dir / "table.md").write_text(markdown(agg, settings, info))
     (results_dir / "results.json").write_text(json.dumps(
         {"info": info, "settings": settings,
-         "configs": {c: {"stats": v["stats"], "loss": v["loss"], "seeds": v["seeds"],
-                         "delta_vs_lora": v.get("delta_vs_lora"), "seconds": v["seconds"]} for c, v in agg.items()}},
+         "configs": {c: {"stats": v["stats"], "loss": v["loss"], "seeds": v["seeds"], "loss_seeds": v["loss_seeds"],
+                         "delta_vs_lora": v.get("delta_vs_lora"), "loss_delta_vs_lora": v.get("loss_delta_vs_lora"),
+                         "seconds": v["seconds"]} for c, v in agg.items()}},
         indent=1) + "\n")
     plot(agg, results_dir / "quality.png", f"ThanoRA quality benchmark ({mode}): SmolLM2-135M-Instruct, 4 tasks")
     for seed in seeds:  # the rank-allocation plot of the ThanoRA run (first seed that has one)
