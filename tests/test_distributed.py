@@ -247,3 +247,15 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
     assert "non-finite" in proc.stderr and "before the optimizer step" in proc.stderr
     steps = read_metrics(tmp_path / "out")
     assert len(steps) < 6 and all(math.isfinite(m["loss"]) for m in steps)
+
+
+def test_llava_two_ranks_with_text_only_and_image_batches(tmp_path):
+    """One rank's micro-batch may have images while the other's is text-only (3 text tasks + 1 image task):
+    ZeRO-3's collectives must still match (HASI previews and training), and the projector trains."""
+    config = make_run(tmp_path, llava=True, train__max_steps=4, train__micro_batch_size=1,
+                      train__gradient_accumulation_steps=2)
+    launch(config, 2)
+    values = losses(tmp_path / "out")
+    assert len(values) == 4 and all(math.isfinite(v) for v in values)
+    weights = final_weights(tmp_path / "out")
+    assert any("multi_modal_projector" in k for k in weights)

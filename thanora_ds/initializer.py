@@ -108,7 +108,8 @@ def _preview_forward(model: nn.Module, batch: dict) -> None:
               if k in batch}
     if "pixel_values" in kwargs:
         kwargs["pixel_values"] = kwargs["pixel_values"].to(param.dtype)
-    model(**kwargs, use_cache=False, logits_to_keep=1)
+    with D.symmetric_vision_forward(model, "pixel_values" in kwargs):
+        model(**kwargs, use_cache=False, logits_to_keep=1)
 
 
 def _content_mask(batch: dict, prefix_length: int) -> torch.Tensor:

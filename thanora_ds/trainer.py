@@ -70,6 +70,8 @@ def run_fingerprint(cfg: TrainConfig, tasks: list[str]) -> dict:
     th = cfg.thanora
     return {
         "model": str(Path(cfg.model.path).resolve()),
+        # the base model's identity survives a move of its folder
+        "model_config_sha256": hashlib.sha256((Path(cfg.model.path) / "config.json").read_bytes()).hexdigest(),
         "tasks": list(tasks),
         "thanora": {k: getattr(th, k) for k in ("rank", "alpha", "rslora", "targets", "shared_rank", "mode",
                                                   "train_projector")},
@@ -259,7 +261,8 @@ class Trainer:
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
-        logits = self.engine(**inputs, use_cache=False).logits
+        with D.symmetric_vision_forward(self.model, "pixel_values" in inputs):
+            logits = self.engine(**inputs, use_cache=False).logits
         labels = batch["labels"].to(device)
         per_token = token_losses(logits, labels)
         valid = (labels[:, 1:] != IGNORE_INDEX)
