@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from thanora_ds.hasi import (Spectrum, allocate_ranks, allocation_shares, common_prefix_length, corda_blocks,
+from thanora_ds.hasi import (allocate_ranks, allocation_shares, common_prefix_length, corda_blocks,
                              largest_remainder_ranks, normalized_spectral_entropy, orthogonal_task_rows,
                              task_spectrum)
 from thanora_ds.spr import spr_layer_penalty

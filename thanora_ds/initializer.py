@@ -29,7 +29,6 @@ from .adapter import ThanoraLinear
 from .config import ThanoraConfig
 from .hasi import (allocate_ranks, corda_blocks, normalized_spectral_entropy, orthogonal_task_rows,
                    task_spectrum, warn_thin_tasks)
-from .inject import full_shape
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ then is the model loaded.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as D
-from .checkpoint import Checkpoints, CheckpointError, check_compatible
+from .checkpoint import Checkpoints, check_compatible
 from .data import build_multitask_data, collate_batch, preview_batches
 from .data.encode import IGNORE_INDEX
 from .hasi import common_prefix_length

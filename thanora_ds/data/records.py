@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 from .config import DataConfig, SourceConfig
 from .errors import DataValidationError, Problem, ProblemLog, RecordProblem
@@ -339,5 +339,5 @@ def _check_placeholders(messages: list[dict], fields: dict, images: list[str], f
         raise RecordProblem(
             where,
             f"{sum(counts)} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)"
-            + ("" if fmt == "llava" else f" (only the llava format carries images)"),
+            + ("" if fmt == "llava" else " (only the llava format carries images)"),
         )
