@@ -86,7 +86,7 @@ MODES = {
                  targets=["q_proj", "v_proj"], per_task_tasks=TASKS),
 }
 # Jobs run group by group, each group seed by seed: an interrupted run has the main comparison for all seeds first.
-PRIORITY = [["base", "lora", "thanora"], ["no_spr", "uniform", "random", "corda", "covariance", "per_task_lora"]]
+PRIORITY = [["base", "lora", "thanora"], ["per_task_lora", "no_spr", "random", "uniform", "covariance", "corda"]]
 COMMON_TRAIN = dict(lr=2e-4, gradient_accumulation_steps=1, save_every=0, keep_last=1, log_every=1,
                     preview_batch_size=8, tensorboard=False, resume="auto")
 

@@ -47,6 +47,7 @@ def test_job_plan_and_run_configs_load(tiny_model, tmp_path):
     names = [q.job_name(j["config"], j["seed"], j["task"]) for j in jobs]
     assert len(names) == len(set(names)) == 3 * (8 + len(q.TASKS))
     # the main comparison comes first, for every seed
+    assert names[9:13] == [f"per_task_lora-{t}-seed0" for t in q.TASKS]
     assert names[:9] == [f"{c}-seed{s}" for s in (0, 1, 2) for c in ("base", "lora", "thanora")]
     for job in jobs:
         if job["config"] == "base":
