@@ -356,6 +356,7 @@ def markdown(agg: dict, settings: dict, info: dict) -> str:
 
 
 def plot(agg: dict, path: Path, title: str) -> None:
+    """Two panels: generation scores and eval losses per task (+ mean), mean ± std over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -363,23 +364,26 @@ def plot(agg: dict, path: Path, title: str) -> None:
     groups = TASKS + ["mean"]
     configs = list(agg)
     width = 0.8 / max(1, len(configs))
-    fig, ax = plt.subplots(figsize=(12, 4.8))
+    fig, axes = plt.subplots(2, 1, figsize=(12, 8.5))
     cmap = plt.get_cmap("tab10")
-    for i, config in enumerate(configs):
-        st = agg[config]["stats"]
-        xs = [g + (i - (len(configs) - 1) / 2) * width for g in range(len(groups))]
-        ms = [st[k][0] if k in st else float("nan") for k in groups]
-        ss = [st[k][1] if k in st else 0.0 for k in groups]
-        ax.bar(xs, ms, width, yerr=ss, capsize=2, label=f"{config} (n={st['mean'][2]})", color=cmap(i % 10))
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups)
-    ax.set_ylabel("score (mean ± std over seeds)")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncol=3, loc="upper left")
-    ax.grid(axis="y", alpha=0.3)
+    for ax, key, label in ((axes[0], "stats", "score (higher is better)"),
+                           (axes[1], "loss", "eval loss (lower is better)")):
+        for i, config in enumerate(configs):
+            st = agg[config][key]
+            xs = [g + (i - (len(configs) - 1) / 2) * width for g in range(len(groups))]
+            ms = [st[k][0] if k in st else float("nan") for k in groups]
+            ss = [st[k][1] if k in st else 0.0 for k in groups]
+            ax.bar(xs, ms, width, yerr=ss, capsize=2, color=cmap(i % 10),
+                   label=f"{config} (n={agg[config]['stats']['mean'][2]})")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups)
+        ax.set_ylabel(f"{label}\nmean ± std over seeds")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title(title)
+    axes[0].legend(fontsize=8, ncol=3, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
