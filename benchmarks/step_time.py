@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,14 @@ VARIANTS = {
     "thanora": [],
     "no_spr": ["thanora.spr_lambda=0"],
 }
+# On a shared machine the load changes during a run: each variant runs `--rounds` times, interleaved
+# (lora, thanora, no_spr, lora, ...), and the fastest round counts.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(config: str, nproc: int, steps: int, out: Path, extra: list[str]) -> dict:
@@ -38,7 +47,8 @@ def run(config: str, nproc: int, steps: int, out: Path, extra: list[str]) -> dic
             f"train.max_steps={steps}", "train.save_every=0", "train.resume=never", "train.tensorboard=false",
             *extra]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29533", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", *args]
     else:
         cmd = [sys.executable, *args]
     t0 = time.time()
@@ -46,8 +56,9 @@ def run(config: str, nproc: int, steps: int, out: Path, extra: list[str]) -> dic
     wall = time.time() - t0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timings = json.loads((out / "timings.json").read_text())
-    step = statistics.median(m["step_seconds"] for m in metrics[2:] or metrics)
-    return {"step_s": step, "hasi_s": timings.get("hasi_seconds", 0.0), "wall_s": wall,
+    steady = metrics[2:] or metrics
+    step = statistics.median(m["step_seconds"] for m in steady)
+    return {"step_s": step, "step_min_s": min(m["step_seconds"] for m in steady), "hasi_s": timings.get("hasi_seconds", 0.0), "wall_s": wall,
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics[2:] or metrics)}
 
 
@@ -74,15 +85,20 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "demo_smollm2.yaml"))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("overrides", nargs="*", help="config overrides for every variant, e.g. data.preview_samples=16")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = {}
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, extra in VARIANTS.items():
-            results[name] = run(args.config, args.nproc, args.steps, Path(tmp) / name, extra)
-            print(f"{name:8s} step {results[name]['step_s']:.3f}s  HASI {results[name]['hasi_s']:.1f}s  "
-                  f"tokens/s {results[name]['tokens_per_s']:.0f}  wall {results[name]['wall_s']:.0f}s", flush=True)
-        spr_iso = isolated_spr_seconds(Path(tmp) / "thanora")
+        for round_ in range(args.rounds):
+            for name, extra in VARIANTS.items():
+                r = run(args.config, args.nproc, args.steps, Path(tmp) / f"{name}-{round_}", args.overrides + extra)
+                print(f"round {round_} {name:8s} step median {r['step_s']:.3f}s min {r['step_min_s']:.3f}s  "
+                      f"HASI {r['hasi_s']:.1f}s  tokens/s {r['tokens_per_s']:.0f}  wall {r['wall_s']:.0f}s", flush=True)
+                if name not in results or r["step_s"] < results[name]["step_s"]:
+                    results[name] = r
+        spr_iso = isolated_spr_seconds(Path(tmp) / "thanora-0")
     lora, th, no_spr = results["lora"], results["thanora"], results["no_spr"]
     print()
     print(f"step time ThanoRA / plain LoRA           : {th['step_s'] / lora['step_s']:.3f}")
