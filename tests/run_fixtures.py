@@ -96,7 +96,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env() -> dict:
+def launch_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
@@ -113,7 +113,7 @@ def launch(config: Path, nproc: int, *overrides: str, env_extra: dict | None = N
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script]
-    env = test_env()
+    env = launch_env()
     if nproc == 0:
         env["MASTER_PORT"] = str(free_port())
     env.update(env_extra or {})

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from run_fixtures import REPO, free_port, launch, make_run, read_metrics, test_env
+from run_fixtures import REPO, free_port, launch, make_run, read_metrics, launch_env
 
 K = 3          # steps before the interruption
 STEPS = 2 * K
@@ -207,7 +207,7 @@ def test_sigterm_checkpoints_exits_zero_and_next_launch_resumes(tmp_path):
     config = make_run(tmp_path, train__max_steps=40)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(REPO / "launchers" / "train.py"), "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "out" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from run_fixtures import REPO, launch, make_run
-from run_fixtures import test_env as subprocess_env
+from run_fixtures import launch_env as subprocess_env
 
 COUNT_CHOICES = ["one", "two", "three", "four", "five", "six"]
 

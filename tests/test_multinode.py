@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from run_fixtures import REPO, free_port, launch, make_run, read_metrics
-from run_fixtures import test_env as base_env
+from run_fixtures import launch_env as base_env
 
 STEPS = 4
 EXACT = dict(thanora__dropout=0.0, train__adam_eps=1e-5, train__max_steps=STEPS)  # see test_distributed.py

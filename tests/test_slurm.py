@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from run_fixtures import REPO, make_run, read_metrics
-from run_fixtures import test_env as base_env
+from run_fixtures import launch_env as base_env
 from slurm_cluster import SlurmCluster, missing_tools
 
 SBATCH = REPO / "launchers" / "slurm" / "train.sbatch"
