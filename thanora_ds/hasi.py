@@ -68,9 +68,9 @@ def task_spectrum(weight: torch.Tensor, cov: torch.Tensor, spectrum: str = "weig
     else:
         damped = cov + damping(cov) * torch.eye(cov.shape[0], dtype=cov.dtype)
         u, sigma, vh = torch.linalg.svd(weight.to(DECOMP_DTYPE) @ damped, full_matrices=False)
-    if keep is not None:
-        vh = vh[:keep]
-        u = None if u is None else u[:, :keep]
+    if keep is not None:  # clones: slices would keep the full d x d factors alive until the blocks are built
+        vh = vh[:keep].clone()
+        u = None if u is None else u[:, :keep].clone()
     return Spectrum(sigma=sigma, vh=vh, u=u)
 
 
