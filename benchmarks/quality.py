@@ -299,16 +299,19 @@ def aggregate(results_dir: Path, configs: list[str], seeds: list[int], settings:
                   for k in next(iter(loss_seed.values()))}
         out[config] = {"seeds": per_seed, "stats": stats, "loss": lstats, "loss_seeds": loss_seed,
                        "seconds": sum(secs)}
-    # paired difference of the mean score against plain LoRA, over the seeds both have
-    if "lora" in out:
+    # paired differences of the mean score / mean loss against plain LoRA and against ThanoRA, over common seeds
+    for ref in ("lora", "thanora"):
+        if ref not in out:
+            continue
         for config, v in out.items():
-            common = [s for s in v["seeds"] if s in out["lora"]["seeds"]]
-            if common and config != "lora":
-                d = [v["seeds"][s]["mean"] - out["lora"]["seeds"][s]["mean"] for s in common]
-                v["delta_vs_lora"] = _mean_std(d) + (len(common),)
-                if all("mean" in x for x in (v["loss"], out["lora"]["loss"])):
-                    dl = [v["loss_seeds"][s]["mean"] - out["lora"]["loss_seeds"][s]["mean"] for s in common]
-                    v["loss_delta_vs_lora"] = _mean_std(dl) + (len(common),)
+            common = [s for s in v["seeds"] if s in out[ref]["seeds"]]
+            if not common or config == ref:
+                continue
+            d = [v["seeds"][s]["mean"] - out[ref]["seeds"][s]["mean"] for s in common]
+            v[f"delta_vs_{ref}"] = _mean_std(d) + (len(common),)
+            if all("mean" in x for x in (v["loss"], out[ref]["loss"])):
+                dl = [v["loss_seeds"][s]["mean"] - out[ref]["loss_seeds"][s]["mean"] for s in common]
+                v[f"loss_delta_vs_{ref}"] = _mean_std(dl) + (len(common),)
     return out
 
 
@@ -327,26 +330,27 @@ def markdown(agg: dict, settings: dict, info: dict) -> str:
              "Eval: greedy, per task: " + ", ".join(
                  f"{t} {settings['eval_limit'][t]} examples / {settings['max_new_tokens'][t]} new tokens "
                  f"({TASK_SOURCES[t][2]})" for t in tasks) + ".", "",
-             "Scores: mean ± std over seeds (n = number of seeds); Δ mean vs LoRA: paired over seeds.", "",
-             "| configuration | " + " | ".join(tasks) + " | mean | Δ mean vs LoRA | n | job time (s) |",
-             "|---|" + "---:|" * (len(tasks) + 4)]
+             "Scores: mean ± std over seeds (n = number of seeds); Δ: paired differences over the seeds both have.", "",
+             "| configuration | " + " | ".join(tasks) + " | mean | Δ mean vs LoRA | Δ mean vs ThanoRA | n | job time (s) |",
+             "|---|" + "---:|" * (len(tasks) + 5)]
     for config, v in agg.items():
         st = v["stats"]
         cells = [f"{st[t][0]:.3f} ± {st[t][1]:.3f}" if t in st else "-" for t in tasks]
         mean = f"**{st['mean'][0]:.3f} ± {st['mean'][1]:.3f}**"
-        d = v.get("delta_vs_lora")
-        delta = f"{d[0]:+.3f} ± {d[1]:.3f}" if d else ""
+        delta = " | ".join(f"{d[0]:+.3f} ± {d[1]:.3f} (n={d[2]})" if d else "" for d in
+                           (v.get("delta_vs_lora"), v.get("delta_vs_thanora")))
         lines.append(f"| {config} ({CONFIGS[config][1]}) | " + " | ".join(cells) + f" | {mean} | {delta} | "
                      f"{st['mean'][2]} | {v['seconds']:.0f} |")
     lines += ["", "Per-task eval loss (mean next-token cross-entropy on the reference response tokens of the same eval "
               "examples; lower is better; mean ± std over seeds; Δ vs LoRA paired over seeds):", "",
-              "| configuration | " + " | ".join(tasks) + " | mean | Δ mean vs LoRA |", "|---|" + "---:|" * (len(tasks) + 2)]
+              "| configuration | " + " | ".join(tasks) + " | mean | Δ mean vs LoRA | Δ mean vs ThanoRA |",
+              "|---|" + "---:|" * (len(tasks) + 3)]
     for config, v in agg.items():
         lo = v["loss"]
-        d = v.get("loss_delta_vs_lora")
         lines.append(f"| {config} | " + " | ".join(f"{lo[t][0]:.3f} ± {lo[t][1]:.3f}" if t in lo else "-" for t in tasks)
                      + (f" | **{lo['mean'][0]:.3f} ± {lo['mean'][1]:.3f}**" if "mean" in lo else " | -")
-                     + (f" | {d[0]:+.3f} ± {d[1]:.3f} |" if d else " | |"))
+                     + "".join(f" | {d[0]:+.3f} ± {d[1]:.3f} (n={d[2]})" if d else " | "
+                               for d in (v.get("loss_delta_vs_lora"), v.get("loss_delta_vs_thanora"))) + " |")
     lines += ["", "Per seed (mean score over tasks):", "", "| configuration | " +
               " | ".join(f"seed {s}" for s in info["seeds"]) + " |", "|---|" + "---:|" * len(info["seeds"])]
     for config, v in agg.items():
@@ -402,6 +406,8 @@ def report(results_dir: Path, work_root: Path, mode: str, settings: dict, config
         {"info": info, "settings": settings,
          "configs": {c: {"stats": v["stats"], "loss": v["loss"], "seeds": v["seeds"], "loss_seeds": v["loss_seeds"],
                          "delta_vs_lora": v.get("delta_vs_lora"), "loss_delta_vs_lora": v.get("loss_delta_vs_lora"),
+                         "delta_vs_thanora": v.get("delta_vs_thanora"),
+                         "loss_delta_vs_thanora": v.get("loss_delta_vs_thanora"),
                          "seconds": v["seconds"]} for c, v in agg.items()}},
         indent=1) + "\n")
     plot(agg, results_dir / "quality.png", f"ThanoRA quality benchmark ({mode}): SmolLM2-135M-Instruct, 4 tasks")
