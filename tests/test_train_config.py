@@ -52,3 +52,16 @@ def test_deepspeed_auto_values_filled():
     with pytest.raises(ValueError, match="gradient_clipping"):
         fill_deepspeed_config({"gradient_clipping": "auto", "x": {"y": "auto"}}, micro_batch_size=1, grad_accum=1,
                               clip="auto", bf16=False, hidden_size=8)
+
+
+def test_zero3_model_loading_is_released_after_a_run():
+    """While an HfDeepSpeedConfig is registered, every model transformers loads comes up ZeRO-3 partitioned;
+    train() releases it at the end so that the same process can load models normally afterwards."""
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from thanora_ds import modeling
+    modeling._KEEP_ALIVE[:] = [HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1,
+                                                  "zero_optimization": {"stage": 3}})]
+    assert is_deepspeed_zero3_enabled()
+    modeling.release_zero3_model_loading()
+    assert not is_deepspeed_zero3_enabled()

@@ -232,6 +232,7 @@ def adopt_launcher_environment() -> str:
       every rank is on one host) and a free port, and broadcasts both over MPI;
     * under srun without mpi4py, the address is the first node of the allocation (scontrol show hostnames)
       and the port 20000 + job id % 20000, the same on every task;
+    * one process without a launcher: 127.0.0.1 and a free port;
     * otherwise 127.0.0.1:29500 (one host only)."""
     launcher = "single"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -256,7 +257,8 @@ def adopt_launcher_environment() -> str:
     if launcher not in ("torch", "single") and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
         _derive_master(launcher)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(DEFAULT_MASTER_PORT))
+    # one process, no launcher: any free port, so that several single-process runs can share a machine
+    os.environ.setdefault("MASTER_PORT", str(_free_port() if launcher == "single" else DEFAULT_MASTER_PORT))
     return launcher
 
 

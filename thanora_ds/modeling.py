@@ -54,3 +54,12 @@ def load_model(cfg: ModelConfig, ds_config: dict | None = None):
         else:  # transformers < 5.x name
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def release_zero3_model_loading() -> None:
+    """Forget the HfDeepSpeedConfig of a finished run: while it is registered, transformers builds every model
+    loaded later in the process under zero.Init (empty, partitioned parameters)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    _KEEP_ALIVE.clear()
+    unset_hf_deepspeed_config()

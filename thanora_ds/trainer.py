@@ -379,6 +379,11 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> int:
+    from .modeling import release_zero3_model_loading
+
     trainer = Trainer(cfg)
-    trainer.setup()
-    return trainer.fit()
+    try:
+        trainer.setup()
+        return trainer.fit()
+    finally:
+        release_zero3_model_loading()
