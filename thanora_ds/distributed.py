@@ -80,14 +80,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not (is_initialized() and world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 

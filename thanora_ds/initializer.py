@@ -55,8 +55,11 @@ class Allocation:
     token_counts: list[int] = field(default_factory=list)   # content tokens per task (first input group)
     sample_counts: list[int] = field(default_factory=list)  # preview samples per task
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
+        Path(path).write_text(self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "Allocation":

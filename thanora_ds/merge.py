@@ -51,14 +51,6 @@ def merge_into_base(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_merged(model: nn.Module, out_dir: str | Path, processor=None) -> None:
-    """Merge and ``save_pretrained`` as safetensors (with the tokenizer/processor when given)."""
-    merge_into_base(model)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    if processor is not None:
-        processor.save_pretrained(out_dir)
-
-
 def peft_config(targets: list[str], rank: int, alpha: float, rslora: bool, dropout: float, base_path: str,
                 modules_to_save: list[str] | None, corda: bool) -> dict:
     return {

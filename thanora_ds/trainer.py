@@ -177,8 +177,8 @@ class Trainer:
         path = self.checkpoints.latest() if mode == "auto" else Path(mode)
         if path is None:
             return None
-        meta = Checkpoints.read_meta(path)
-        check_compatible(meta, self.fingerprint, self.world, path)
+        self.resume_meta = Checkpoints.read_meta(path)
+        check_compatible(self.resume_meta, self.fingerprint, self.world, path)
         return path
 
     # ------------------------------------------------------------------------------------------------------
@@ -223,14 +223,13 @@ class Trainer:
             for name, adapter in self.adapters.items():
                 subtract_corda_residual(adapter, init[f"{name}.corda_A0"], init[f"{name}.corda_B0"])
         state = Checkpoints.load(self.engine, path)
-        meta = Checkpoints.read_meta(path)
-        self.step = int(meta["step"])
+        self.step = int(self.resume_meta["step"])
         self.sampler.load_state_dict(state["sampler"])
         D.set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path:
-        extra = {"allocation.json": json.dumps(self.allocation.__dict__, indent=1).encode()}
+        extra = {"allocation.json": self.allocation.to_json().encode()}
         corda = self._corda_init_bytes()
         if corda is not None:
             extra["corda_init.safetensors"] = corda
