@@ -69,7 +69,10 @@ CONFIGS = {   # name: (thanora overrides, description)
     "tau10": ({"tau": 10.0}, "ThanoRA, tau=10"),
     "shared0": ({"shared_rank": 0}, "ThanoRA, no shared block"),
     "lambda1e-2": ({"spr_lambda": 1e-2}, "ThanoRA, lambda=1e-2"),
+    "previews4": ({}, "ThanoRA, N_t = 4 previews per task"),
+    "previews64": ({}, "ThanoRA, N_t = 64 previews per task"),
 }
+DATA_OVERRIDES = {"previews4": {"preview_samples": 4}, "previews64": {"preview_samples": 64}}   # name: data.* keys
 DEFAULT_CONFIGS = ["base", "lora", "per_task_lora", "thanora", "no_spr", "uniform", "random", "corda", "covariance"]
 
 MODES = {
@@ -85,6 +88,10 @@ MODES = {
                  max_new_tokens={"gsm8k": 80, "sentiment": 4, "country_qa": 12, "arithmetic": 8},
                  targets=["q_proj", "v_proj"], per_task_tasks=TASKS),
 }
+# long: does the 20-step picture hold with 4x the training? Same data, lr and eval examples as full; the
+# arithmetic cap is 16 new tokens so that a model that writes "a + b = c" before the answer is not cut off.
+MODES["long"] = dict(MODES["full"], configs=["lora", "thanora", "no_spr"], max_steps=80, warmup_steps=8,
+                     max_new_tokens=dict(MODES["full"]["max_new_tokens"], arithmetic=16))
 # Jobs run group by group, each group seed by seed: an interrupted run has the main comparison for all seeds first.
 PRIORITY = [["base", "lora", "thanora"], ["per_task_lora", "no_spr", "random", "uniform", "covariance", "corda"]]
 COMMON_TRAIN = dict(lr=2e-4, gradient_accumulation_steps=1, save_every=0, keep_last=1, log_every=1,
@@ -119,13 +126,14 @@ def per_task_steps(settings: dict) -> int:
     return max(1, settings["max_steps"] // len(TASKS))
 
 
-def data_section(settings: dict, seed: int, tasks: list[str]) -> dict:
-    return {
+def data_section(settings: dict, seed: int, tasks: list[str], config: str | None = None) -> dict:
+    section = {
         "sources": [{"path": str(TASK_SOURCES[t][0]), "format": TASK_SOURCES[t][1]} for t in tasks],
         "tasks": {t: {"scorer": TASK_SOURCES[t][2]} for t in tasks},
         "max_length": settings["max_length"], "preview_samples": settings["preview_samples"], "eval_samples": settings["eval_samples"],
         "mixing": "temperature", "temperature": 2.0, "seed": seed,
     }
+    return section | DATA_OVERRIDES.get(config, {})
 
 
 def run_config(settings: dict, job: dict, model: str, output_dir: str) -> dict:
@@ -140,7 +148,7 @@ def run_config(settings: dict, job: dict, model: str, output_dir: str) -> dict:
     return {
         "model": {"path": str(model), "dtype": "fp32", "attn_implementation": "sdpa",
                   "activation_checkpointing": False},
-        "data": data_section(settings, seed, [task] if task else TASKS),
+        "data": data_section(settings, seed, [task] if task else TASKS, job["config"]),
         "thanora": thanora,
         "train": dict(COMMON_TRAIN, output_dir=output_dir, micro_batch_size=settings["micro_batch_size"],
                       max_steps=steps, warmup_steps=warmup, seed=seed),
@@ -426,6 +434,7 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="smoke run (< 10 min): one seed, q/v only, 4 steps")
     g.add_argument("--full", action="store_true", help="the benchmark (default)")
+    g.add_argument("--long", action="store_true", help="lora / thanora / no_spr with 4x the training steps of --full")
     p.add_argument("--configs", nargs="*", default=None, help=f"subset/extra of {list(CONFIGS)}")
     p.add_argument("--seeds", nargs="*", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="override the mode's training steps")
@@ -443,7 +452,7 @@ def main(argv=None) -> int:
     if args._job:
         return run_job(args._job)
 
-    mode = "quick" if args.quick else "full"
+    mode = "quick" if args.quick else "long" if args.long else "full"
     settings = json.loads(json.dumps(MODES[mode]))
     if args.max_steps:
         settings["max_steps"] = args.max_steps
