@@ -67,6 +67,23 @@ def test_job_plan_and_run_configs_load(tiny_model, tmp_path):
             assert (th.mode, th.allocation, th.spr_lambda) == ("random", "uniform", 0.0)
 
 
+def test_extra_configurations_and_long_mode(tiny_model, tmp_path):
+    """N_t variants change data.preview_samples only for training (evaluation keeps the mode's split);
+    --long trains 4x as many steps as --full on the same data and eval examples."""
+    from thanora_ds.train_config import load_train_config
+
+    q = _quality()
+    full, long = q.MODES["full"], q.MODES["long"]
+    for config, n_t in (("previews4", 4), ("previews64", 64), ("thanora", full["preview_samples"])):
+        path = tmp_path / f"{config}.json"
+        path.write_text(json.dumps(q.run_config(full, {"config": config, "seed": 1, "task": None}, str(tiny_model),
+                                                str(tmp_path / "out"))))
+        assert load_train_config(path).data.preview_samples == n_t
+    assert q.data_section(full, 1, q.TASKS)["preview_samples"] == full["preview_samples"]
+    assert long["max_steps"] == 4 * full["max_steps"] and long["eval_limit"] == full["eval_limit"]
+    assert [j["config"] for j in q.jobs_for(long, long["configs"], [0])] == ["lora", "thanora", "no_spr"]
+
+
 def test_one_job_end_to_end_and_resume(tiny_model, tmp_path):
     results, work = tmp_path / "results", tmp_path / "work"
     cmd = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--quick", "--configs", "thanora",
