@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="*", default=None, help="only these tasks")
     parser.add_argument("--limit", type=int, default=0, help="at most this many examples per task (0: all)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="generation cap for tasks whose data config sets no data.tasks.<task>.max_new_tokens")
     parser.add_argument("--no-loss", action="store_true", help="skip the per-task loss")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--attn-implementation", default="sdpa")

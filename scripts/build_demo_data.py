@@ -362,11 +362,11 @@ def build_vqa(out: Path) -> list[dict]:
 
 # --------------------------------------------------------------------------- configs and README
 
-FILES = {  # task -> (file, loader format, scorer)
-    "gsm8k": ("gsm8k.jsonl", "prompt_response", "numeric"),
-    "sentiment": ("sentiment.jsonl", "chat", "multiple_choice"),
-    "country_qa": ("country_qa.jsonl", "prompt_response", "exact_match"),
-    "vqa": ("vqa.json", "llava", "exact_match"),
+FILES = {  # task -> (file, loader format, scorer, generation cap: worked answers need ~256, labels a few)
+    "gsm8k": ("gsm8k.jsonl", "prompt_response", "numeric", 256),
+    "sentiment": ("sentiment.jsonl", "chat", "multiple_choice", 8),
+    "country_qa": ("country_qa.jsonl", "prompt_response", "exact_match", 24),
+    "vqa": ("vqa.json", "llava", "exact_match", 8),
 }
 TASK_ORDER = ("gsm8k", "sentiment", "country_qa", "vqa")
 
@@ -377,7 +377,7 @@ def config_yaml(tasks: tuple[str, ...], with_images: bool, title: str) -> str:
     if with_images:
         lines.append("image_folder: images")
     lines.append("tasks:")
-    lines += [f"  {t}: {{scorer: {FILES[t][2]}}}" for t in tasks]
+    lines += [f"  {t}: {{scorer: {FILES[t][2]}, max_new_tokens: {FILES[t][3]}}}" for t in tasks]
     lines += [
         "max_length: 384",
         "preview_samples: 64",
@@ -453,7 +453,7 @@ def build(out: Path, strict: bool = True) -> dict[str, int]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # start from a clean generated tree so stale files never survive a rebuild
-    for name in [*(f for f, _fmt, _s in FILES.values()), "demo_data.yaml", "demo_text.yaml", "README.md", ".gitattributes"]:
+    for name in [*(f for f, *_ in FILES.values()), "demo_data.yaml", "demo_text.yaml", "README.md", ".gitattributes"]:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "images", ignore_errors=True)
 

@@ -264,3 +264,31 @@ def test_eval_of_merged_model_equals_eval_of_live_checkpoint(run, tmp_path):
         assert [p["id"] for p in reports["base"][1]] == [p["id"] for p in merged_preds]
         assert all(base_report["tasks"][t]["loss"] != pytest.approx(merged_report["tasks"][t]["loss"], abs=1e-4)
                    for t in tasks)
+
+
+def test_per_task_generation_cap_overrides_the_evaluator_default(tmp_path):
+    """data.tasks.<task>.max_new_tokens caps that task's generation; other tasks use the evaluator's cap."""
+    from tiny_assets import make_llama_tokenizer
+    from tiny_models import llama_config
+    from transformers import LlamaForCausalLM
+
+    from thanora_ds.data import DataConfig, SourceConfig, build_multitask_data
+    from thanora_ds.evaluate import evaluate
+
+    tok = make_llama_tokenizer(tmp_path / "tok")
+    rows = [{"prompt": f"Add {i} and {j}.", "response": str(i + j), "task": "add"} for i in range(4) for j in range(4)]
+    rows += [{"prompt": f"Tell a story about {i}.", "response": "Once upon a time.", "task": "story"} for i in range(16)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(sources=[SourceConfig(str(tmp_path / "d.jsonl"))], preview_samples=2, eval_samples=3,
+                     tasks={"add": {"scorer": "numeric", "max_new_tokens": 2}, "story": {}})
+    data = build_multitask_data(cfg, tokenizer=tok)
+    model_cfg = llama_config(len(tok))
+    model_cfg.eos_token_id = None          # a random model must not stop early: every answer runs to its cap
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model_cfg).eval()
+    model.generation_config.eos_token_id = None
+    report = evaluate(model, data, tok, batch_size=2, max_new_tokens=5, with_loss=False)
+    assert report["tasks"]["add"]["generated_tokens"] == 3 * 2
+    assert report["tasks"]["story"]["generated_tokens"] == 3 * 5
+    with pytest.raises(ValueError, match="data.tasks.add.max_new_tokens"):
+        DataConfig(sources=cfg.sources, tasks={"add": {"max_new_tokens": 0}})

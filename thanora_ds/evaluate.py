@@ -149,7 +149,8 @@ def generate(model, items: list[EvalItem], tokenizer, batch_size: int, max_new_t
 
 def evaluate(model, data: MultiTaskData, tokenizer, batch_size: int = 8, max_new_tokens: int = 128,
              tasks: list[str] | None = None, limit: int = 0, with_loss: bool = True, with_generation: bool = True) -> dict:
-    """Scores and losses of every task; the returned dict is what ``eval.json`` holds (predictions apart)."""
+    """Scores and losses of every task; the returned dict is what ``eval.json`` holds (predictions apart).
+    ``max_new_tokens`` caps generation for tasks whose data config sets no ``max_new_tokens`` of their own."""
     cfg: DataConfig = data.config
     results: list[TaskResult] = []
     gen_tokens, gen_seconds = 0, 0.0
@@ -160,7 +161,8 @@ def evaluate(model, data: MultiTaskData, tokenizer, batch_size: int = 8, max_new
         loss, loss_tokens = task_loss(model, items, data.pad_token_id, batch_size) if with_loss else (None, 0)
         result = TaskResult(task, scorer, len(items), None, loss, loss_tokens)
         if with_generation and items:
-            texts, n, sec = generate(model, items, tokenizer, batch_size, max_new_tokens)
+            cap = settings.max_new_tokens if settings and settings.max_new_tokens else max_new_tokens
+            texts, n, sec = generate(model, items, tokenizer, batch_size, cap)
             scores = score_task(scorer, texts, [it.reference for it in items], choices, task)
             result.score = sum(scores) / len(scores)
             result.generated_tokens = n

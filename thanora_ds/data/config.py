@@ -35,12 +35,14 @@ class SourceConfig:
 
 @dataclass
 class TaskConfig:
-    """Per-task settings. `weight` is used by `mixing: weights`; `scorer` and `choices` (the answer options of a
-    `multiple_choice` task; default: the distinct reference answers of its eval split) by evaluation."""
+    """Per-task settings. `weight` is used by `mixing: weights`; `scorer`, `choices` (the answer options of a
+    `multiple_choice` task; default: the distinct reference answers of its eval split) and `max_new_tokens`
+    (generation cap of this task; default: the evaluator's own) by evaluation."""
 
     weight: Optional[float] = None
     scorer: str = "exact_match"
     choices: Optional[list[str]] = None
+    max_new_tokens: Optional[int] = None
 
 
 @dataclass
@@ -82,6 +84,8 @@ class DataConfig:
         for name, t in self.tasks.items():
             if t.weight is not None and not t.weight >= 0:
                 raise ValueError(f"data.tasks.{name}.weight must be >= 0, got {t.weight}")
+            if t.max_new_tokens is not None and not t.max_new_tokens >= 1:
+                raise ValueError(f"data.tasks.{name}.max_new_tokens must be >= 1, got {t.max_new_tokens}")
         if self.mixing == "weights":
             missing = [n for n, t in self.tasks.items() if t.weight is None]
             if not self.tasks or missing:
