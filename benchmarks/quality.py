@@ -71,8 +71,13 @@ CONFIGS = {   # name: (thanora overrides, description)
     "lambda1e-2": ({"spr_lambda": 1e-2}, "ThanoRA, lambda=1e-2"),
     "previews4": ({}, "ThanoRA, N_t = 4 previews per task"),
     "previews64": ({}, "ThanoRA, N_t = 64 previews per task"),
+    # is ThanoRA's gain a larger effective step? (HASI's A rows are unit-norm top input directions)
+    "lora_lr1e-3": (PLAIN_LORA, "plain LoRA, lr 1e-3 (5x)"),
+    "thanora_lr1e-3": ({}, "ThanoRA, lr 1e-3 (5x)"),
 }
-DATA_OVERRIDES = {"previews4": {"preview_samples": 4}, "previews64": {"preview_samples": 64}}   # name: data.* keys
+# configurations that also change data.* or train.* keys (training only: evaluation keeps the mode's split)
+OVERRIDES = {"previews4": {"data": {"preview_samples": 4}}, "previews64": {"data": {"preview_samples": 64}},
+             "lora_lr1e-3": {"train": {"lr": 1e-3}}, "thanora_lr1e-3": {"train": {"lr": 1e-3}}}
 DEFAULT_CONFIGS = ["base", "lora", "per_task_lora", "thanora", "no_spr", "uniform", "random", "corda", "covariance"]
 
 MODES = {
@@ -133,7 +138,7 @@ def data_section(settings: dict, seed: int, tasks: list[str], config: str | None
         "max_length": settings["max_length"], "preview_samples": settings["preview_samples"], "eval_samples": settings["eval_samples"],
         "mixing": "temperature", "temperature": 2.0, "seed": seed,
     }
-    return section | DATA_OVERRIDES.get(config, {})
+    return section | OVERRIDES.get(config, {}).get("data", {})
 
 
 def run_config(settings: dict, job: dict, model: str, output_dir: str) -> dict:
@@ -151,7 +156,7 @@ def run_config(settings: dict, job: dict, model: str, output_dir: str) -> dict:
         "data": data_section(settings, seed, [task] if task else TASKS, job["config"]),
         "thanora": thanora,
         "train": dict(COMMON_TRAIN, output_dir=output_dir, micro_batch_size=settings["micro_batch_size"],
-                      max_steps=steps, warmup_steps=warmup, seed=seed),
+                      max_steps=steps, warmup_steps=warmup, seed=seed) | OVERRIDES.get(job["config"], {}).get("train", {}),
         "deepspeed": {"config": "ds_configs/zero3.json"},
     }
 
@@ -332,8 +337,8 @@ def markdown(agg: dict, settings: dict, info: dict) -> str:
              f"Training: {settings['max_steps']} steps x micro batch {settings['micro_batch_size']} (1 process; per-task LoRAs "
              f"{per_task_steps(settings)} steps each, i.e. the same examples of their task), max_length "
              f"{settings['max_length']}, "
-             f"lr 2e-4 cosine, warmup {settings['warmup_steps']}, rank 16 (all configurations), N_t = "
-             f"{settings['preview_samples']} previews per task, targets "
+             f"lr {COMMON_TRAIN['lr']:g} cosine, warmup {settings['warmup_steps']}, rank 16 (all configurations), N_t = "
+             f"{settings['preview_samples']} previews per task (where a configuration does not say otherwise), targets "
              f"{', '.join(settings['targets']) if settings['targets'] else 'all 7 projections'}.",
              "Eval: greedy, per task: " + ", ".join(
                  f"{t} {settings['eval_limit'][t]} examples / {settings['max_new_tokens'][t]} new tokens "

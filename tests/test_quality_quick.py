@@ -80,6 +80,10 @@ def test_extra_configurations_and_long_mode(tiny_model, tmp_path):
                                                 str(tmp_path / "out"))))
         assert load_train_config(path).data.preview_samples == n_t
     assert q.data_section(full, 1, q.TASKS)["preview_samples"] == full["preview_samples"]
+    path.write_text(json.dumps(q.run_config(full, {"config": "lora_lr1e-3", "seed": 0, "task": None}, str(tiny_model),
+                                            str(tmp_path / "out"))))
+    cfg = load_train_config(path)
+    assert (cfg.train.lr, cfg.thanora.mode, cfg.thanora.spr_lambda) == (1e-3, "random", 0.0)
     assert long["max_steps"] == 4 * full["max_steps"] and long["eval_limit"] == full["eval_limit"]
     assert [j["config"] for j in q.jobs_for(long, long["configs"], [0])] == ["lora", "thanora", "no_spr"]
 
