@@ -4,6 +4,7 @@
     python benchmarks/quality.py --quick                      # smoke run, < 10 min on 2 CPU cores
     nohup nice -n 10 python benchmarks/quality.py --full > benchmarks/results/full/log.txt 2>&1 &
     python benchmarks/quality.py --full --report-only         # rebuild table + plot from finished runs
+    python benchmarks/quality.py --long                       # lora / thanora / no_spr with 4x the steps
 
 Model: SmolLM2-135M-Instruct (LLaMA architecture), prepared offline by scripts/prepare_smollm2.py.
 Tasks (4, heterogeneous): gsm8k (numeric, long worked answers), sentiment (multiple choice), country_qa
@@ -21,6 +22,8 @@ the same held-out eval split (greedy generation with the chat template; thanora_
     no_spr         thanora.spr_lambda=0                 uniform   thanora.allocation=uniform
     random         thanora.mode=random                  corda     thanora.mode=corda
     covariance     thanora.spectrum=covariance (spectrum of C_t alone)
+Extra configurations (--configs): tau1, tau10, shared0, lambda1e-2, previews4, previews64 (N_t), and
+lora_lr1e-3 / thanora_lr1e-3 (is ThanoRA's gain only a larger effective step?).
 Seed s sets data.seed (splits, preview and data order), train.seed (dropout) and thanora.init_seed (random
 inits) to s, the same for every configuration, so configurations are compared pairwise per seed.
 
