@@ -317,18 +317,31 @@ def aggregate(results_dir: Path, configs: list[str], seeds: list[int], settings:
                        "seconds": sum(secs)}
     # paired differences of the mean score / mean loss against plain LoRA and against ThanoRA, over common seeds
     for ref in ("lora", "thanora"):
-        if ref not in out:
-            continue
         for config, v in out.items():
-            common = [s for s in v["seeds"] if s in out[ref]["seeds"]]
-            if not common or config == ref:
-                continue
-            d = [v["seeds"][s]["mean"] - out[ref]["seeds"][s]["mean"] for s in common]
-            v[f"delta_vs_{ref}"] = _mean_std(d) + (len(common),)
-            if all("mean" in x for x in (v["loss"], out[ref]["loss"])):
-                dl = [v["loss_seeds"][s]["mean"] - out[ref]["loss_seeds"][s]["mean"] for s in common]
-                v[f"loss_delta_vs_{ref}"] = _mean_std(dl) + (len(common),)
+            if config != ref and (d := paired(out, config, ref)):
+                v[f"delta_vs_{ref}"], v[f"loss_delta_vs_{ref}"] = d
     return out
+
+
+# comparisons that need their own reference: the same method at another learning rate
+PAIRS = [("thanora_lr1e-3", "lora_lr1e-3"), ("lora_lr1e-3", "lora"), ("thanora_lr1e-3", "thanora"),
+         ("lora_lr1e-3", "thanora")]
+
+
+def paired(agg: dict, a: str, b: str):
+    """(score, loss) differences a - b of the task-mean, paired over the seeds both have: (mean, std, n) each;
+    None when they share no seed."""
+    if a not in agg or b not in agg:
+        return None
+    common = [s for s in agg[a]["seeds"] if s in agg[b]["seeds"]]
+    if not common:
+        return None
+    score = _mean_std([agg[a]["seeds"][s]["mean"] - agg[b]["seeds"][s]["mean"] for s in common]) + (len(common),)
+    loss = None
+    if all("mean" in agg[c]["loss"] for c in (a, b)):
+        loss = _mean_std([agg[a]["loss_seeds"][s]["mean"] - agg[b]["loss_seeds"][s]["mean"] for s in common]) \
+            + (len(common),)
+    return score, loss
 
 
 def markdown(agg: dict, settings: dict, info: dict) -> str:
@@ -367,6 +380,13 @@ def markdown(agg: dict, settings: dict, info: dict) -> str:
                      + (f" | **{lo['mean'][0]:.3f} ± {lo['mean'][1]:.3f}**" if "mean" in lo else " | -")
                      + "".join(f" | {d[0]:+.3f} ± {d[1]:.3f} (n={d[2]})" if d else " | "
                                for d in (v.get("loss_delta_vs_lora"), v.get("loss_delta_vs_thanora"))) + " |")
+    pairs = [(a, b, d) for a, b in PAIRS if (d := paired(agg, a, b))]
+    if pairs:
+        lines += ["", "Paired comparisons (task-mean, a − b over the seeds both have):", "",
+                  "| a | b | Δ score | Δ eval loss | n |", "|---|---|---:|---:|---:|"]
+        for a, b, (ds, dl) in pairs:
+            lines.append(f"| {a} | {b} | {ds[0]:+.3f} ± {ds[1]:.3f} | "
+                         + (f"{dl[0]:+.3f} ± {dl[1]:.3f}" if dl else "-") + f" | {ds[2]} |")
     lines += ["", "Per seed (mean score over tasks):", "", "| configuration | " +
               " | ".join(f"seed {s}" for s in info["seeds"]) + " |", "|---|" + "---:|" * len(info["seeds"])]
     for config, v in agg.items():
