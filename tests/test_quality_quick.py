@@ -117,9 +117,10 @@ def test_aggregate_mean_std_and_paired_delta(tmp_path):
     for seed, (a, b) in enumerate([(0.2, 0.3), (0.4, 0.6)]):
         write("lora", seed, {t: a for t in q.TASKS})
         write("thanora", seed, {t: b for t in q.TASKS})
+        write("lora_lr1e-3", seed, {t: a + 0.1 for t in q.TASKS})
         for t in q.TASKS:
             write("per_task_lora", seed, {t: 1.0}, task=t)
-    agg = q.aggregate(tmp_path, ["lora", "thanora", "per_task_lora"], [0, 1, 2], settings)
+    agg = q.aggregate(tmp_path, ["lora", "thanora", "per_task_lora", "lora_lr1e-3"], [0, 1, 2], settings)
     m, s, n = agg["thanora"]["stats"]["mean"]
     assert (round(m, 6), n) == (0.45, 2) and abs(s - 0.2121320) < 1e-6
     d = agg["thanora"]["delta_vs_lora"]
@@ -128,3 +129,5 @@ def test_aggregate_mean_std_and_paired_delta(tmp_path):
     text = q.markdown(agg, settings, {"mode": "full", "command": "x", "commit": "c", "job_seconds": 60, "n_done": 6,
                                       "n_jobs": 6, "when": "now", "seeds": [0, 1, 2]})
     assert "0.450 ± 0.212" in text and "+0.150 ± 0.071" in text
+    assert "| lora_lr1e-3 | lora | +0.100 ± 0.000 | +0.000 ± 0.000 | 2 |" in text   # paired comparisons table
+    assert "| lora_lr1e-3 | thanora | -0.050 ± 0.071 |" in text
