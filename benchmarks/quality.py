@@ -498,7 +498,7 @@ def main(argv=None) -> int:
     jobs = jobs_for(settings, configs, seeds)
     if args.report_only:
         command = (f"python benchmarks/quality.py --{mode} [--workers 2] (table rebuilt with --report-only; the "
-                   f"invocations are in {results.name}/log.txt)")
+                   f"invocations are in {results.name}/log*.txt)")
         report(results, work_root, mode, settings, configs, seeds, len(jobs), command)
         print((results / "table.md").read_text() if (results / "table.md").is_file() else "no finished job")
         return 0
