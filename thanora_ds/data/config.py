@@ -54,7 +54,10 @@ class DataConfig:
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     image_folder: Optional[str] = None  # LLaVA `image` paths are relative to it (else to the data file)
     max_length: int = 512  # longer examples are truncated; one with no label left is an error
-    preview_samples: int = 128  # N_t for the HASI preview, capped by the task's size
+    # N_t for the HASI preview, capped by the task's size. METHOD.md says 128; 32 is the default here because it
+    # already fixes the rank split (METHOD.md section 6) and the quality benchmark found no gain from more
+    # previews (N_t 4 / 16 / 64; docs/quality.md), while HASI's cost grows linearly with N_t.
+    preview_samples: int = 32
     eval_samples: int = 32  # per task
     seed: int = 0
     mixing: str = "natural"
