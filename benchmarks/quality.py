@@ -405,7 +405,7 @@ def plot(agg: dict, path: Path, title: str) -> None:
     configs = list(agg)
     width = 0.8 / max(1, len(configs))
     fig, axes = plt.subplots(2, 1, figsize=(12, 8.5))
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab20")   # up to 20 distinct configurations
     for ax, key, label in ((axes[0], "stats", "score (higher is better)"),
                            (axes[1], "loss", "eval loss (lower is better)")):
         for i, config in enumerate(configs):
@@ -413,7 +413,7 @@ def plot(agg: dict, path: Path, title: str) -> None:
             xs = [g + (i - (len(configs) - 1) / 2) * width for g in range(len(groups))]
             ms = [st[k][0] if k in st else float("nan") for k in groups]
             ss = [st[k][1] if k in st else 0.0 for k in groups]
-            ax.bar(xs, ms, width, yerr=ss, capsize=2, color=cmap(i % 10),
+            ax.bar(xs, ms, width, yerr=ss, capsize=2, color=cmap(i % 20),
                    label=f"{config} (n={agg[config]['stats']['mean'][2]})")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups)
