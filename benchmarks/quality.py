@@ -164,14 +164,6 @@ def run_config(settings: dict, job: dict, model: str, output_dir: str) -> dict:
     }
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def git_commit() -> str:
     """HEAD (+dirty) of the repository, or the COMMIT file of a snapshot (git archive) the benchmark runs from."""
     if (REPO / "COMMIT").is_file():
@@ -213,10 +205,7 @@ def run_job(spec_path: str) -> int:
         cfg_path = work / "run_config.json"
         cfg_path.write_text(json.dumps(spec["run_config"], indent=1))
         cfg = load_train_config(cfg_path)
-        train(cfg)
-        # the trainer leaves ZeRO-3 registered with transformers: a model loaded now would be partitioned
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-        unset_hf_deepspeed_config()
+        train(cfg)   # releases ZeRO-3's hold on model loading when it returns, so the eval model is a plain one
         result["train_seconds"] = time.time() - t0
         timings = work / "timings.json"
         if timings.is_file():
@@ -515,6 +504,8 @@ def main(argv=None) -> int:
           f"results {results}, work {work_root}, commit {commit}", flush=True)
     import threading
     from concurrent.futures import ThreadPoolExecutor
+
+    from thanora_ds.distributed import free_port
 
     lock = threading.Lock()
     failures = []

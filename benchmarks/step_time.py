@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from thanora_ds.distributed import free_port  # noqa: E402
+
 VARIANTS = {
     "lora": ["thanora.mode=random", "thanora.allocation=uniform", "thanora.spr_lambda=0"],
     "thanora": [],
@@ -34,12 +35,6 @@ VARIANTS = {
 }
 # On a shared machine the load changes during a run: each variant runs `--rounds` times, interleaved
 # (lora, thanora, no_spr, lora, ...), and the fastest round counts.
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(config: str, nproc: int, steps: int, out: Path, extra: list[str]) -> dict:
@@ -58,8 +53,8 @@ def run(config: str, nproc: int, steps: int, out: Path, extra: list[str]) -> dic
     timings = json.loads((out / "timings.json").read_text())
     steady = metrics[2:] or metrics
     step = statistics.median(m["step_seconds"] for m in steady)
-    return {"step_s": step, "step_min_s": min(m["step_seconds"] for m in steady), "hasi_s": timings.get("hasi_seconds", 0.0), "wall_s": wall,
-            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics[2:] or metrics)}
+    return {"step_s": step, "step_min_s": min(m["step_seconds"] for m in steady), "hasi_s": timings.get("hasi_seconds", 0.0),
+            "wall_s": wall, "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steady)}
 
 
 def isolated_spr_seconds(out: Path, repeats: int = 20) -> float:

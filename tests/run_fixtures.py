@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import yaml
+
+from thanora_ds.distributed import free_port
 
 from tiny_assets import make_llama_tokenizer, make_llava_processor
 from tiny_models import llama_config, llava_config
@@ -90,12 +91,6 @@ def make_run(tmp: Path, llava: bool = False, seed: int = 0, **overrides) -> Path
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
@@ -114,8 +109,6 @@ def launch(config: Path, nproc: int, *overrides: str, env_extra: dict | None = N
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script]
     env = launch_env()
-    if nproc == 0:
-        env["MASTER_PORT"] = str(free_port())
     env.update(env_extra or {})
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from run_fixtures import REPO, free_port, launch, make_run, read_metrics, launch_env
+from run_fixtures import REPO, free_port, launch, launch_env, make_run, read_metrics
 
 K = 3          # steps before the interruption
 STEPS = 2 * K

@@ -197,7 +197,8 @@ def _slurm_first_node() -> str | None:
         return nodelist.split(",")[0] if "[" not in nodelist else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free right now (for rendezvous addresses chosen by us, not by a launcher)."""
     import socket
 
     with socket.socket() as s:
@@ -250,7 +251,7 @@ def adopt_launcher_environment() -> str:
         _derive_master(launcher)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     # one process, no launcher: any free port, so that several single-process runs can share a machine
-    os.environ.setdefault("MASTER_PORT", str(_free_port() if launcher == "single" else DEFAULT_MASTER_PORT))
+    os.environ.setdefault("MASTER_PORT", str(free_port() if launcher == "single" else DEFAULT_MASTER_PORT))
     return launcher
 
 
@@ -275,7 +276,7 @@ def _derive_master(launcher: str) -> None:
         one_host = comm.Split_type(_mpi_shared_type()).Get_size() == comm.Get_size()   # collective: all ranks
         if comm.Get_rank() == 0:
             addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if one_host else _host_address())
-            port = os.environ.get("MASTER_PORT") or str(_free_port())
+            port = os.environ.get("MASTER_PORT") or str(free_port())
             choice = (addr, port)
         else:
             choice = None
