@@ -6,7 +6,9 @@
 # (the working directory is /workspace, writable by the non-root user: relative output_dir lands there)
 # The entrypoint is torchrun; give it other launcher arguments (--nnodes, --rdzv_*) as usual, or override
 # it: --entrypoint deepspeed, or --entrypoint python for `mpirun ... python launchers/train.py` / srun.
-ARG PYTORCH_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
+# torch in the base image must satisfy transformers 5 (it disables torch < 2.6), DeepSpeed and setup.py's
+# torch minimum: tests/test_docker.py reads this tag and checks it against the installed packages' own minimums.
+ARG PYTORCH_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-devel
 FROM ${PYTORCH_IMAGE}
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -23,8 +25,11 @@ RUN apt-get update \
 WORKDIR /opt/thanora_ds
 COPY setup.py ./
 COPY thanora_ds ./thanora_ds
-# flash-attn compiles against the image's torch: --no-build-isolation keeps that torch (the devel image has nvcc)
-RUN pip install --no-build-isolation -e ".[gpu,mpi]"
+# flash-attn is built against the image's torch: --no-build-isolation keeps that torch (the devel image has
+# nvcc; flash-attn's setup fetches a prebuilt wheel matching torch/CUDA/C++ ABI when one exists, else compiles)
+ARG FLASH_ATTN_VERSION=2.8.3
+RUN pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}" \
+    && pip install --no-build-isolation -e ".[gpu,mpi]"
 COPY launchers ./launchers
 COPY ds_configs ./ds_configs
 

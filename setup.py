@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     # torch is left unpinned on purpose: GPU users keep their CUDA build; setup.sh pins the CPU wheel.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",            # transformers 5 disables torch < 2.6 (tests/test_docker.py checks it)
         "deepspeed>=0.16",
         "transformers>=5.0,<6",
         "datasets>=3.0",
@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "peft>=0.13", "psutil>=5.9"],
-        "gpu": ["flash-attn>=2.5"],
+        "gpu": ["flash-attn>=2.7.4"],   # first release built for torch 2.6
         "mpi": ["mpi4py>=3.1"],
     },
 )
