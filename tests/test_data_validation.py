@@ -214,13 +214,13 @@ def test_truncation_through_image_tokens_is_an_error(tmp_path):
 
 
 def test_from_dict_rejects_unknown_keys_and_resolves_paths(tmp_path):
-    with pytest.raises(ValueError, match=r"data: unknown key\(s\) 'skip_invalids'"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) data\.skip_invalids"):
         DataConfig.from_dict({"sources": [], "skip_invalids": True}, tmp_path)
-    with pytest.raises(ValueError, match=r"data.sources\[0\]: unknown key\(s\) 'fmt'"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) data\.sources\[0\]\.fmt"):
         DataConfig.from_dict({"sources": [{"path": "a.jsonl", "fmt": "chat"}]}, tmp_path)
-    with pytest.raises(ValueError, match=r"data.tasks.qa: unknown key\(s\) 'wieght'"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) data\.tasks\.qa\.wieght"):
         DataConfig.from_dict({"tasks": {"qa": {"wieght": 1}}}, tmp_path)
-    with pytest.raises(ValueError, match="format"):
+    with pytest.raises(ValueError, match=r"data\.sources\[0\]\.format"):
         DataConfig.from_dict({"sources": [{"path": "a.jsonl", "format": "csv"}]}, tmp_path)
     with pytest.raises(ValueError, match="missing for: b"):
         DataConfig.from_dict({"mixing": "weights", "tasks": {"a": {"weight": 1}, "b": {}}}, tmp_path)

@@ -1,28 +1,18 @@
-"""Typed configuration: dataclasses loadable from YAML/JSON, with ``section.key=value`` CLI overrides.
+"""The method's settings (the ``thanora:`` section of a run config), loaded by ``typed_config.from_dict``.
 
 Every error names the offending key with its full dotted path (``thanora.rank``), and all checks run before
 any model or data is loaded.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import yaml
 
 from .hasi import ALLOCATIONS, SPECTRA
 from .spr import SPR_TERMS
+from .typed_config import ConfigError, apply_overrides, from_dict, read_config_file  # noqa: F401 (re-exported)
 
 MODES = ("orthogonal", "corda", "random")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or impossible; the message names the key."""
 
 
 @dataclass
@@ -50,6 +40,9 @@ class ThanoraConfig:
     def resolved_shared_rank(self, num_tasks: int) -> int:
         return self.rank // (num_tasks + 1) if self.shared_rank is None else self.shared_rank
 
+    def check_values(self, prefix: str = "thanora") -> None:
+        self.validate(prefix=prefix or "thanora")
+
     def validate(self, num_tasks: int | None = None, prefix: str = "thanora") -> None:
         def bad(key: str, msg: str) -> ConfigError:
             return ConfigError(f"{prefix}.{key}: {msg}")
@@ -63,6 +56,8 @@ class ThanoraConfig:
         for key in ("spr_lambda", "tau", "alpha"):
             if getattr(self, key) < 0:
                 raise bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if not self.gamma > 0:
+            raise bad("gamma", f"must be > 0 (it scales the initial A blocks), got {self.gamma}")
         if self.tau == 0 and self.allocation in ("scaled_softmax", "softmax"):
             raise bad("tau", "must be > 0 for softmax allocations")
         if not 0 <= self.dropout < 1:
@@ -81,89 +76,3 @@ class ThanoraConfig:
             if need > self.rank:
                 raise bad("rank", f"r={self.rank} is too small for {num_tasks} tasks at min_rank={self.min_rank} "
                                   f"plus a shared block of {r_c}: need r >= {need}")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Generic loading of nested dataclasses from dicts, files and overrides.
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") if args else v for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {k: _coerce(v, args[1], f"{key}.{k}") if args else v for k, v in value.items()}
-    return value
-
-
-def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError naming the key."""
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
-    if hasattr(cls, "from_config_dict"):
-        return cls.from_config_dict(data, prefix)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(_join(prefix, k) for k in unknown)}; "
-                          f"known: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(v, hints[k], _join(prefix, k)) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` strings (values parsed as YAML: 8, 1e-3, true, [q_proj, v_proj], null)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    return data
-
-
-def read_config_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return data

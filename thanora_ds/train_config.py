@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ThanoraConfig, apply_overrides, from_dict, read_config_file
+from .config import ThanoraConfig
 from .data import DataConfig
+from .typed_config import ConfigError, apply_overrides, from_dict, read_config_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -145,11 +146,18 @@ class TrainConfig:
     config_dir: str = "."
 
     def validate(self) -> None:
+        """Checks between sections and against the files named (model folder, DeepSpeed JSON); no side effects
+        beyond resolving ``attn_implementation: auto``."""
         m, t = self.model, self.train
         if not m.path:
             raise ConfigError("model.path: required (a Hugging Face model directory)")
         if not Path(m.path).is_dir():
             raise ConfigError(f"model.path: {m.path} is not a directory")
+        if not (Path(m.path) / "config.json").is_file():
+            raise ConfigError(f"model.path: {m.path} has no config.json (not a Hugging Face model folder: "
+                              "save one with save_pretrained)")
+        if m.processor_path and not Path(m.processor_path).is_dir():
+            raise ConfigError(f"model.processor_path: {m.processor_path} is not a directory")
         if m.dtype not in DTYPES:
             raise ConfigError(f"model.dtype: unknown value {m.dtype!r}; choose one of {list(DTYPES)}")
         if m.attn_implementation not in ATTENTION:
@@ -160,6 +168,8 @@ class TrainConfig:
                               "which this machine lacks (pip install -e .[gpu] on a CUDA machine); use sdpa or auto")
         if m.attn_implementation == "auto":
             m.attn_implementation = "flash_attention_2" if flash_attention_available() else "sdpa"
+        if not self.data.sources:
+            raise ConfigError("data.sources: empty; name at least one data file")
         for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "keep_last", "log_every",
                     "preview_batch_size"):
             if getattr(t, key) < 1:
@@ -168,12 +178,22 @@ class TrainConfig:
                     "stop_at_step"):
             if getattr(t, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+        if not t.lr > 0:
+            raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
+        if t.projector_lr is not None and not t.projector_lr > 0:
+            raise ConfigError(f"train.projector_lr: must be > 0, got {t.projector_lr}")
         if not 0 <= t.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+        if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+            raise ConfigError(f"train.adam_betas: two numbers in [0, 1), got {t.adam_betas}")
+        if not t.adam_eps > 0:
+            raise ConfigError(f"train.adam_eps: must be > 0, got {t.adam_eps}")
+        if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
+            raise ConfigError(f"train.resume: {t.resume!r} is neither auto, never nor a checkpoint directory")
         if self.thanora.train_projector is False and t.projector_lr is not None:
             raise ConfigError("train.projector_lr: set, but thanora.train_projector is false")
         self.thanora.validate()
-        self.deepspeed_path()
+        self.deepspeed_template()
 
     def deepspeed_path(self) -> Path:
         candidates = [Path(self.deepspeed.config), Path(self.config_dir) / self.deepspeed.config,
@@ -184,6 +204,29 @@ class TrainConfig:
         raise ConfigError(f"deepspeed.config: {self.deepspeed.config} not found (looked in "
                           f"{', '.join(str(c.parent) for c in candidates)})")
 
+    def deepspeed_template(self) -> dict:
+        """The DeepSpeed JSON with ``deepspeed.overrides`` applied, checked against DeepSpeed's schema."""
+        import json
+
+        from .distributed import check_deepspeed_config, with_overrides
+
+        path = self.deepspeed_path()
+        try:
+            template = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            where = f"{path}:{err.lineno}" if isinstance(err, json.JSONDecodeError) else str(path)
+            raise ConfigError(f"deepspeed.config: {where}: not valid JSON ({getattr(err, 'msg', err)})") from None
+        if not isinstance(template, dict):
+            raise ConfigError(f"deepspeed.config: {path}: the top level must be a JSON object")
+        try:
+            check_deepspeed_config(template, f"deepspeed.config ({path})")
+            check_deepspeed_config(with_overrides({}, self.deepspeed.overrides), "deepspeed.overrides")
+            merged = with_overrides(template, self.deepspeed.overrides)
+            check_deepspeed_config(merged, f"deepspeed.config ({path}) with deepspeed.overrides")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return merged
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -193,11 +236,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     raw = read_config_file(path) if path else {}
     raw = apply_overrides(raw, list(overrides))
     base_dir = Path(path).resolve().parent if path else Path.cwd()
-    data_raw = raw.pop("data", {}) or {}
-    try:
-        data = DataConfig.from_dict(data_raw, base_dir=base_dir)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(str(err) if str(err).startswith("data") else f"data: {err}") from err
+    data = DataConfig.from_dict(raw.pop("data", None), base_dir=base_dir)
     raw.pop("config_dir", None)
     cfg = from_dict(TrainConfig, raw)
     cfg.data = data

@@ -1,9 +1,10 @@
 """The `data:` section of a run config.
 
-Kept as plain dataclasses so that a config can be built in code (tests) or from YAML/JSON
-(`DataConfig.from_dict`), and written back with `to_dict` next to a checkpoint. `from_dict`
-rejects unknown keys by name: a misspelt `skip_invalid` silently left at its default is exactly
-the kind of mistake that costs a training run.
+Plain dataclasses, so that a config can be built in code (tests) or from YAML/JSON
+(`DataConfig.from_dict`, which goes through the project's one typed loader, `typed_config.from_dict`:
+unknown keys, wrong types and non-finite numbers are errors naming the key), and written back with
+`to_dict` next to a checkpoint. A misspelt `skip_invalid` silently left at its default, or the string
+"false" read as true, is exactly the kind of mistake that costs a training run.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from ..typed_config import ConfigError, from_dict
 
 FORMATS = ("auto", "llava", "chat", "prompt_response")
 MIXINGS = ("natural", "temperature", "weights")
@@ -26,11 +29,11 @@ class SourceConfig:
     format: str = "auto"
     task: Optional[str] = None
 
-    def __post_init__(self):
+    def check_values(self, prefix: str = "data.sources[?]") -> None:
         if self.format not in FORMATS:
-            raise ValueError(f"data source {self.path!r}: format {self.format!r} is not one of {FORMATS}")
-        if self.task is not None and (not isinstance(self.task, str) or not self.task):
-            raise ValueError(f"data source {self.path!r}: task must be a non-empty string, got {self.task!r}")
+            raise ConfigError(f"{prefix}.format: {self.format!r} is not one of {FORMATS} ({self.path})")
+        if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):
+            raise ConfigError(f"{prefix}.task: must be a non-empty string, got {self.task!r} ({self.path})")
 
 
 @dataclass
@@ -43,6 +46,19 @@ class TaskConfig:
     scorer: str = "exact_match"
     choices: Optional[list[str]] = None
     max_new_tokens: Optional[int] = None
+
+    def check_values(self, prefix: str = "data.tasks.?") -> None:
+        from ..scorers import SCORERS
+
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"{prefix}.scorer: unknown scorer {self.scorer!r}; choose one of {sorted(SCORERS)}")
+        if self.weight is not None and not self.weight >= 0:
+            raise ConfigError(f"{prefix}.weight: must be >= 0, got {self.weight}")
+        if self.max_new_tokens is not None and not self.max_new_tokens >= 1:
+            raise ConfigError(f"{prefix}.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.choices is not None and len(set(self.choices)) < 2:
+            raise ConfigError(f"{prefix}.choices: a multiple-choice task needs at least 2 distinct choices, "
+                              f"got {self.choices!r}")
 
 
 @dataclass
@@ -73,57 +89,61 @@ class DataConfig:
         self.tasks = {
             str(k): (v if isinstance(v, TaskConfig) else TaskConfig(**(v or {}))) for k, v in self.tasks.items()
         }
+        self.check_values()
+
+    def check_values(self, prefix: str = "data") -> None:
+        def bad(key: str, msg: str) -> ConfigError:
+            return ConfigError(f"{prefix}.{key}: {msg}")
+
         if self.mixing not in MIXINGS:
-            raise ValueError(f"data.mixing: {self.mixing!r} is not one of {MIXINGS}")
+            raise bad("mixing", f"{self.mixing!r} is not one of {MIXINGS}")
         if not self.temperature > 0:
-            raise ValueError(f"data.temperature must be > 0, got {self.temperature}")
+            raise bad("temperature", f"must be > 0, got {self.temperature}")
         if self.max_length < 2:
-            raise ValueError(f"data.max_length must be >= 2, got {self.max_length}")
+            raise bad("max_length", f"must be >= 2, got {self.max_length}")
         for name in ("preview_samples", "eval_samples"):
             if getattr(self, name) < 0:
-                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.max_errors < 1:
-            raise ValueError(f"data.max_errors must be >= 1, got {self.max_errors}")
+            raise bad("max_errors", f"must be >= 1, got {self.max_errors}")
+        for i, src in enumerate(self.sources):
+            src.check_values(f"{prefix}.sources[{i}]")
         for name, t in self.tasks.items():
-            if t.weight is not None and not t.weight >= 0:
-                raise ValueError(f"data.tasks.{name}.weight must be >= 0, got {t.weight}")
-            if t.max_new_tokens is not None and not t.max_new_tokens >= 1:
-                raise ValueError(f"data.tasks.{name}.max_new_tokens must be >= 1, got {t.max_new_tokens}")
+            t.check_values(f"{prefix}.tasks.{name}")
         if self.mixing == "weights":
             missing = [n for n, t in self.tasks.items() if t.weight is None]
             if not self.tasks or missing:
-                raise ValueError(
-                    "data.mixing: weights needs a weight for every task in data.tasks"
-                    + (f"; missing for: {', '.join(missing)}" if missing else " (data.tasks is empty)")
-                )
+                raise bad("mixing", "weights needs a weight for every task in data.tasks"
+                          + (f"; missing for: {', '.join(missing)}" if missing else " (data.tasks is empty)"))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], base_dir: str | os.PathLike = ".") -> "DataConfig":
-        """Build from a parsed YAML/JSON mapping; relative paths resolve against `base_dir`
-        (the config file's folder). Unknown keys are an error that names them."""
-        d = dict(d or {})
-        _reject_unknown(d, cls, "data")
-        sources = []
-        for i, s in enumerate(d.pop("sources", []) or []):
-            if isinstance(s, str):
-                s = {"path": s}
-            if not isinstance(s, dict):
-                raise ValueError(f"data.sources[{i}] must be a mapping or a path, got {type(s).__name__}")
-            _reject_unknown(s, SourceConfig, f"data.sources[{i}]")
-            if "path" not in s:
-                raise ValueError(f"data.sources[{i}] needs a 'path'")
-            s = dict(s, path=_resolve(s["path"], base_dir))
-            sources.append(SourceConfig(**s))
-        tasks = {}
-        for name, t in (d.pop("tasks", None) or {}).items():
-            t = t or {}
-            if not isinstance(t, dict):
-                raise ValueError(f"data.tasks.{name} must be a mapping, got {type(t).__name__}")
-            _reject_unknown(t, TaskConfig, f"data.tasks.{name}")
-            tasks[str(name)] = TaskConfig(**t)
-        if d.get("image_folder") is not None:
+    def from_dict(cls, d: dict[str, Any], base_dir: str | os.PathLike = ".", prefix: str = "data") -> "DataConfig":
+        """Build from a parsed YAML/JSON mapping with the typed loader; relative paths resolve against
+        `base_dir` (the config file's folder). A source may be given as a bare path."""
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{prefix}: expected a mapping, got {type(d).__name__}")
+        d = dict(d)
+        sources = d.get("sources")
+        if isinstance(sources, list):
+            resolved = []
+            for i, s in enumerate(sources):
+                if isinstance(s, str):
+                    s = {"path": s}
+                if not isinstance(s, dict):
+                    raise ConfigError(f"{prefix}.sources[{i}]: expected a mapping or a path, got {type(s).__name__}")
+                if "path" not in s:
+                    raise ConfigError(f"{prefix}.sources[{i}].path: required (the data file)")
+                if not isinstance(s["path"], str) or not s["path"]:
+                    raise ConfigError(f"{prefix}.sources[{i}].path: expected a file path, got {s['path']!r}")
+                resolved.append(dict(s, path=_resolve(s["path"], base_dir)))
+            d["sources"] = resolved
+        if isinstance(d.get("image_folder"), str):
             d["image_folder"] = _resolve(d["image_folder"], base_dir)
-        return cls(sources=sources, tasks=tasks, **d)
+        if isinstance(d.get("tasks"), dict):  # `task:` with nothing under it is a task with default settings
+            d["tasks"] = {k: ({} if v is None else v) for k, v in d["tasks"].items()}
+        return from_dict(cls, d, prefix)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able form (as written next to checkpoints)."""
@@ -133,12 +153,3 @@ class DataConfig:
 def _resolve(path: str, base_dir) -> str:
     path = os.path.expanduser(str(path))
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(str(base_dir), path))
-
-
-def _reject_unknown(d: dict, klass, where: str) -> None:
-    known = {f.name for f in dataclasses.fields(klass)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}; known keys: {', '.join(sorted(known))}"
-        )

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+from ..typed_config import ConfigError
 from .config import DataConfig, SourceConfig
 from .errors import DataValidationError, Problem, ProblemLog, RecordProblem
 
@@ -67,7 +68,7 @@ def load_records(cfg: DataConfig, *, _defer: bool = False) -> LoadedRecords:
     image_ok: dict[str, Optional[str]] = {}  # path -> None if readable, else the reason
     by_task: dict[str, list[Record]] = {}
     if not cfg.sources:
-        raise ValueError("data.sources is empty: no data file configured")
+        raise ConfigError("data.sources: empty; name at least one data file")
     for src in cfg.sources:
         for index, raw in _read_rows(src, cfg, log):
             try:
