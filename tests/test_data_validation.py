@@ -111,7 +111,7 @@ def test_invalid_json_line_is_named(tmp_path):
     src = write_jsonl(tmp_path / "data.jsonl", [GOOD, '{"id": "x", "task": ', GOOD])
     with pytest.raises(DataValidationError) as ei:
         load_records(DataConfig(sources=[SourceConfig(src)]))
-    assert "data.jsonl: line 2: not valid JSON" in str(ei.value)
+    assert "data.jsonl:2: not valid JSON" in str(ei.value) and ei.value.problems[0].line == 2
 
 
 def test_missing_file_is_named(tmp_path):

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import RecordProblem
+from .errors import DataValidationError, Problem, RecordProblem
 from .records import IMAGE_PLACEHOLDER, Record
 
 IGNORE_INDEX = -100
@@ -123,7 +123,10 @@ class Encoder:
         return len(ids)
 
     def _expand_images(self, full_text: str, ids: list[int], labels: list[int], rec: Record):
-        images = [_load_rgb(p) for p in rec.images]
+        try:
+            images = [_load_rgb(p) for p in rec.images]
+        except ImageDecodeError as err:
+            raise RecordProblem("image", str(err)) from None
         out = self.processor(text=[full_text], images=images, add_special_tokens=False)
         expanded = list(out["input_ids"][0])
         tok = self.image_token_id
@@ -145,14 +148,25 @@ def _as_parts(m: dict) -> dict:
     return {"role": m["role"], "content": parts}
 
 
+class ImageDecodeError(ValueError):
+    pass
+
+
 def _load_rgb(path: str):
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for broken files
+        raise ImageDecodeError(f"image could not be decoded ({type(e).__name__}: {e}): {path}") from None
 
 
 def pixel_values_for(processor, image_paths: list[str]):
-    """Pixel values for the images of one example ([n_images, C, H, W] tensor)."""
-    images = [_load_rgb(p) for p in image_paths]
+    """Pixel values for the images of one example ([n_images, C, H, W] tensor). An image that was valid at
+    validation but cannot be decoded now (changed on disk) is a DataValidationError naming the file."""
+    try:
+        images = [_load_rgb(p) for p in image_paths]
+    except ImageDecodeError as err:
+        raise DataValidationError([Problem(file=str(err).rsplit(": ", 1)[-1], field="image", message=str(err))]) from None
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]

@@ -35,6 +35,9 @@ class Problem:
     record: Optional[int] = None
     record_id: Optional[str] = None
     task: Optional[str] = None
+    # a problem of a whole file whose records cannot be counted (not found, an unreadable JSON array):
+    # skipping it would drop an unknown number of records, so `skip_invalid` does not skip it
+    fatal: bool = False
 
     def __str__(self) -> str:
         where = self.file
@@ -77,33 +80,52 @@ class RecordProblem(Exception):
 
 @dataclass
 class ProblemLog:
-    """Collects problems up to a cap and counts them per task."""
+    """Collects problems up to a cap and counts them per task; also collects notices (oddities that are not
+    errors, e.g. duplicate ids) that are logged as warnings, counted, with a few examples each."""
 
     max_errors: int = 50
     problems: list[Problem] = field(default_factory=list)
     total: int = 0
     per_task: Counter = field(default_factory=Counter)
+    fatal: list[Problem] = field(default_factory=list)
+    notices: dict[str, list[str]] = field(default_factory=dict)
+    notice_counts: Counter = field(default_factory=Counter)
 
     def add(self, problem: Problem) -> None:
         self.total += 1
         self.per_task[problem.task or NO_TASK] += 1
+        if problem.fatal:
+            self.fatal.append(problem)
         if len(self.problems) < self.max_errors:
             self.problems.append(problem)
+
+    def notice(self, kind: str, example: str) -> None:
+        self.notice_counts[kind] += 1
+        examples = self.notices.setdefault(kind, [])
+        if len(examples) < 3:
+            examples.append(example)
 
     def __bool__(self) -> bool:
         return self.total > 0
 
     def finish(self, skip_invalid: bool) -> dict[str, int]:
-        """Raise (default) or log the per-task skip counts (skip_invalid); never stay silent."""
+        """Raise (default) or log the per-task skip counts (skip_invalid); never stay silent. A file-level problem
+        whose records cannot be counted raises even with skip_invalid."""
+        for kind, examples in self.notices.items():
+            logger.warning("%s: %d (e.g. %s)", kind, self.notice_counts[kind], "; ".join(examples))
         if not self.total:
             return {}
+        if self.fatal:
+            raise DataValidationError(
+                self.fatal, len(self.fatal),
+                hint="data.skip_invalid cannot skip these: the records of such a file cannot be counted; fix the file.")
         if not skip_invalid:
             raise DataValidationError(
                 self.problems, self.total, hint="Fix the records, or set data.skip_invalid: true to skip them."
             )
         counts = dict(sorted(self.per_task.items()))
         logger.warning(
-            "skip_invalid: skipped %d invalid record(s); per task: %s",
+            "skip_invalid: skipped %d invalid record(s) or line(s); per task: %s",
             self.total,
             ", ".join(f"{t}={n}" for t, n in counts.items()),
         )

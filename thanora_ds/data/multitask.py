@@ -141,6 +141,12 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
     for t in tasks:
         items = encoded[t]
         tr, pv, ev = split_indices(len(items), t, cfg.seed, cfg.preview_samples, cfg.eval_samples)
+        if not pv and cfg.preview_samples > 0:
+            # too few records for a disjoint preview split (METHOD.md 2.1 caps N_t by the task's size): HASI would
+            # see no statistic for this task at all, so its training records are previewed instead
+            pv = tr[: cfg.preview_samples]
+            logger.warning("task %s has %d record(s): too few for a separate preview split; HASI previews its %d "
+                           "training record(s) instead (its ranks rest on very little data)", t, len(items), len(pv))
         train[t] = ExampleList([items[i] for i in tr], processor)
         preview[t] = ExampleList([items[i] for i in pv], processor)
         eval_[t] = ExampleList([items[i] for i in ev], processor)

@@ -13,7 +13,9 @@ not report line numbers, so a record's line is recovered only when a problem mus
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -67,17 +69,25 @@ def load_records(cfg: DataConfig, *, _defer: bool = False) -> LoadedRecords:
     lines = _LineIndex()
     image_ok: dict[str, Optional[str]] = {}  # path -> None if readable, else the reason
     by_task: dict[str, list[Record]] = {}
+    seen_ids: dict[tuple[str, str], tuple[str, int]] = {}  # (task, id) -> (file, index) where it first occurred
     if not cfg.sources:
         raise ConfigError("data.sources: empty; name at least one data file")
     for src in cfg.sources:
         for index, raw in _read_rows(src, cfg, log):
             try:
-                rec = _to_record(raw, src, index, cfg, image_ok)
+                rec = _to_record(raw, src, index, cfg, image_ok, log)
             except RecordProblem as p:
                 task = src.task or (raw.get("task") if isinstance(raw.get("task"), str) else None)
                 log.add(_problem(src.path, index, raw.get("id"), p.field, p.message, task, lines))
                 continue
             by_task.setdefault(rec.task, []).append(rec)
+            key = (rec.task, rec.id)
+            if raw.get("id") is not None and key in seen_ids:
+                path, i = seen_ids[key]
+                log.notice("duplicate record ids within a task (both records are kept)",
+                           f"task {rec.task} id={rec.id!r} at {_where(path, i, lines)} and {_where(src.path, index, lines)}")
+            elif raw.get("id") is not None:
+                seen_ids[key] = (src.path, index)
     by_task = {t: by_task.get(t, []) for t in sorted(set(by_task) | set(cfg.tasks))}
     out = LoadedRecords(by_task, {}, log)
     if not _defer:
@@ -106,51 +116,105 @@ def line_index() -> "_LineIndex":
 
 
 def _read_rows(src: SourceConfig, cfg: DataConfig, log: ProblemLog) -> Iterator[tuple[int, dict]]:
-    """Yield (index, row) from one file through `datasets`; file-level failures become Problems."""
+    """Yield (index, row) from one file through `datasets`. Where `datasets` cannot read the file, a JSON
+    Lines file is read again line by line so that every bad line becomes its own Problem (with its line
+    number and, where it can be read, its task) and every good line still becomes a record; a JSON array
+    that does not parse is a file-level problem that `skip_invalid` cannot skip."""
     import datasets
 
     if not os.path.isfile(src.path):
-        log.add(Problem(file=src.path, message="data file not found", task=src.task))
+        log.add(Problem(file=src.path, message="data file not found", task=src.task, fatal=True))
+        return
+    if os.path.getsize(src.path) == 0:
+        log.add(Problem(file=src.path, message="the data file is empty (0 bytes, no record)", task=src.task))
         return
     datasets.disable_progress_bars()
+    # datasets logs its own parse failure at ERROR level before raising; the Problem below says it better
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+    index = 0
     try:
-        if cfg.streaming:
-            ds = datasets.load_dataset("json", data_files=src.path, split="train", streaming=True)
-        else:
-            ds = datasets.load_dataset("json", data_files=src.path, split="train")
-        rows = iter(ds)
-        index = 0
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                return
+        ds = datasets.load_dataset("json", data_files=src.path, split="train", streaming=cfg.streaming)
+        for row in ds:
             yield index, row
             index += 1
-    except Exception as e:  # datasets/pyarrow parse errors carry no line; find it ourselves
-        log.add(Problem(file=src.path, message=_diagnose_unreadable(src.path, e), task=src.task))
+        return
+    except Exception as e:  # noqa: BLE001 - datasets/pyarrow parse errors carry no line; find it ourselves
+        error = e
+    if _is_json_array(src.path):
+        yield from _recover_json_array(src, log, error, already=index)
+    else:
+        yield from _recover_json_lines(src, log, already=index)
 
 
-def _diagnose_unreadable(path: str, err: Exception) -> str:
-    """Explain why `datasets` could not read a file, with the first offending line if any."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as je:
-            return f"line {je.lineno}: not valid JSON ({je.msg})"
-        return f"could not be read as a JSON array of records ({type(err).__name__}: {err})"
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            return f"line {n}: blank line in a JSON Lines file (remove it)"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as je:
-            return f"line {n}: not valid JSON ({je.msg})"
-        if not isinstance(obj, dict):
-            return f"line {n}: a record must be a JSON object, got {type(obj).__name__}"
-    return f"could not be read ({type(err).__name__}: {err})"
+def _is_json_array(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip().startswith(b"[")
+
+
+def _recover_json_array(src: SourceConfig, log: ProblemLog, err: Exception, already: int):
+    with open(src.path, "rb") as f:
+        data = f.read()
+    try:
+        rows = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as ue:
+        line = data[: ue.start].count(b"\n") + 1
+        log.add(Problem(file=src.path, line=line, message=f"not valid UTF-8 (byte 0x{data[ue.start]:02x}); the JSON "
+                        "array cannot be read, so none of its records can be kept", task=src.task, fatal=True))
+        return
+    except json.JSONDecodeError as je:
+        log.add(Problem(file=src.path, line=je.lineno, message=f"not valid JSON ({je.msg}); the JSON array cannot be "
+                        "read, so none of its records can be kept", task=src.task, fatal=True))
+        return
+    if not isinstance(rows, list):
+        log.add(Problem(file=src.path, message=f"the top level is a JSON {type(rows).__name__}, not an array of records",
+                        task=src.task, fatal=True))
+        return
+    for index, row in enumerate(rows):
+        if index < already:
+            continue
+        if not isinstance(row, dict):
+            log.add(Problem(file=src.path, record=index + 1, task=src.task,
+                            message=f"a record must be a JSON object, got {type(row).__name__}"))
+            continue
+        yield index, row
+
+
+_TASK_IN_LINE = re.compile(rb'"task"\s*:\s*"([^"\\]{1,200})"')
+
+
+def _recover_json_lines(src: SourceConfig, log: ProblemLog, already: int):
+    """Every non-blank line of a JSON Lines file: good ones yielded (index = their position among the non-blank
+    lines, as `_LineIndex` counts), bad ones logged with their line number and task (when it can be read)."""
+    good = 0
+    with open(src.path, "rb") as f:
+        position = -1
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            position += 1
+            match = _TASK_IN_LINE.search(line)
+            task = src.task or (match.group(1).decode("utf-8", "replace") if match else None)
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as ue:
+                log.add(Problem(file=src.path, line=number, task=task,
+                                message=f"not valid UTF-8 (byte 0x{line[ue.start]:02x} at column {ue.start + 1})"))
+                continue
+            try:
+                row = json.loads(text.strip())
+            except json.JSONDecodeError as je:
+                log.add(Problem(file=src.path, line=number, task=task, message=f"not valid JSON ({je.msg}, column "
+                                f"{je.colno}){' - a truncated line?' if not text.rstrip().endswith('}') else ''}"))
+                continue
+            if not isinstance(row, dict):
+                log.add(Problem(file=src.path, line=number, task=task,
+                                message=f"a record must be a JSON object, got {type(row).__name__}"))
+                continue
+            good += 1
+            if good > already:  # rows `datasets` yielded before it failed are not yielded twice
+                yield position, row
+    if position < 0:
+        log.add(Problem(file=src.path, message="the data file holds no record (only blank lines)", task=src.task))
 
 
 class _LineIndex:
@@ -177,6 +241,11 @@ class _LineIndex:
         return lines[index] if lines is not None and index < len(lines) else None
 
 
+def _where(path: str, index: int, lines: "_LineIndex") -> str:
+    line = lines.line(path, index)
+    return f"{path}:{line}" if line is not None else f"{path} record {index + 1}"
+
+
 def _problem(path, index, record_id, field, message, task, lines: _LineIndex) -> Problem:
     line = lines.line(path, index)
     return Problem(
@@ -194,7 +263,7 @@ def _problem(path, index, record_id, field, message, task, lines: _LineIndex) ->
 # normalization and structural checks
 
 
-def _to_record(raw: dict, src: SourceConfig, index: int, cfg: DataConfig, image_ok: dict) -> Record:
+def _to_record(raw: dict, src: SourceConfig, index: int, cfg: DataConfig, image_ok: dict, log: ProblemLog) -> Record:
     task = _task_of(raw, src, cfg)
     fmt = src.format if src.format != "auto" else _detect_format(raw)
     if fmt == "llava":
@@ -204,7 +273,7 @@ def _to_record(raw: dict, src: SourceConfig, index: int, cfg: DataConfig, image_
     else:
         messages, fields = _prompt_response_messages(raw)
     _check_turn_order(messages, fields)
-    images = _images_of(raw, src, cfg, image_ok) if fmt == "llava" else []
+    images = _images_of(raw, src, cfg, image_ok, log) if fmt == "llava" else []
     _check_placeholders(messages, fields, images, fmt)
     rid = raw.get("id")
     rid = str(rid) if rid is not None else f"{os.path.basename(src.path)}#{index + 1}"
@@ -297,36 +366,56 @@ def _check_turn_order(messages: list[dict], fields: dict) -> None:
         raise RecordProblem(fields[str(len(messages) - 1)], "missing assistant turn after the last user turn")
 
 
-def _images_of(raw: dict, src: SourceConfig, cfg: DataConfig, image_ok: dict) -> list[str]:
+def _images_of(raw: dict, src: SourceConfig, cfg: DataConfig, image_ok: dict, log: ProblemLog) -> list[str]:
     img = raw.get("image")
     if img is None:
         return []
     names = [img] if isinstance(img, str) else img
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise RecordProblem("image", f"must be a path or a list of paths, got {img!r}")
-    folder = cfg.image_folder or os.path.dirname(os.path.abspath(src.path))
+    folder = os.path.abspath(cfg.image_folder or os.path.dirname(os.path.abspath(src.path)))
     paths = []
     for k, name in enumerate(names):
         f = "image" if isinstance(img, str) else f"image[{k}]"
-        path = name if os.path.isabs(name) else os.path.join(folder, name)
+        path = name if os.path.isabs(name) else os.path.normpath(os.path.join(folder, name))
+        if not os.path.isabs(name) and os.path.commonpath([folder, path]) != folder:
+            log.notice("image paths that lead out of the image folder (.. in a relative path)",
+                       f"{src.path} id={raw.get('id')!r}: {name} -> {path}")
         if path not in image_ok:
-            image_ok[path] = _image_problem(path)
+            image_ok[path] = image_problem(path)
         if image_ok[path]:
             raise RecordProblem(f, f"{image_ok[path]}: {path}")
         paths.append(path)
     return paths
 
 
-def _image_problem(path: str) -> Optional[str]:
+# the bytes a complete file of these formats ends with (a truncated download or copy lacks them)
+_END_MARKERS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",), "GIF": (b";",)}
+
+
+def image_problem(path: str) -> Optional[str]:
+    """None if the image file is complete and readable, else the reason. Cheap: the header (format, size) and,
+    for JPEG/PNG/GIF, the end-of-image marker that a truncated file lacks; PIL's verify() reads the rest of the
+    structure (PNG chunk checksums) without decoding pixels."""
     if not os.path.isfile(path):
         return "image file not found"
     try:
         from PIL import Image
 
         with Image.open(path) as im:
-            im.verify()  # reads the whole file: catches truncated and corrupt images
-    except Exception as e:
+            fmt, (width, height) = im.format, im.size
+            im.verify()
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for broken files
         return f"image unreadable ({type(e).__name__}: {e})"
+    if width < 1 or height < 1:
+        return f"image has size {width}x{height}"
+    markers = _END_MARKERS.get(fmt)
+    if markers:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 64))
+            tail = f.read().rstrip(b"\x00\r\n ")
+        if not tail.endswith(markers):
+            return f"image truncated (the {fmt} file does not end with its end-of-image marker)"
     return None
 
 
