@@ -7,7 +7,8 @@
     python launchers/train.py --config CONFIG.yaml ...                 (one process)
 
 Exit codes: 0 finished or checkpointed on SIGTERM/SIGUSR1 (resume with the same command), 2 bad config, data
-or checkpoint (nothing expensive was started), 3 non-finite loss or gradient.
+or checkpoint, or the output directory in use by another run (nothing expensive was started), 3 non-finite loss,
+gradient or weights (nothing saved after the last good checkpoint). OUTPUT/status.json says how a run ended.
 """
 import argparse
 import logging
@@ -33,13 +34,14 @@ def main(argv=None) -> int:
     from thanora_ds.checkpoint import CheckpointError
     from thanora_ds.config import ConfigError
     from thanora_ds.data import DataValidationError
+    from thanora_ds.run_lock import RunLockedError
     from thanora_ds.train_config import load_train_config
     from thanora_ds.trainer import NonFiniteError, train
 
     try:
         cfg = load_train_config(args.config, args.overrides)
         train(cfg)
-    except (ConfigError, DataValidationError, CheckpointError) as err:
+    except (ConfigError, DataValidationError, CheckpointError, RunLockedError) as err:
         logging.getLogger("thanora_ds").error("%s: %s", type(err).__name__, err)
         return 2
     except NonFiniteError as err:

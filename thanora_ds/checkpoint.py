@@ -7,16 +7,24 @@ Layout under ``<output_dir>/checkpoints``::
         allocation.json      HASI's split (the adapters' block sizes)
         corda_init.safetensors   (mode corda) the initial blocks subtracted from the base weights
         rank-00000.pt ...    per-rank RNG states and sampler position
+        manifest.json        every other file's size and sha256, written last
     latest                   name of the newest complete checkpoint (replaced atomically)
+    corrupt-step-N/          a checkpoint that failed verification on resume, set aside (never deleted)
 
-Atomicity: every rank writes into ``.tmp-step-N``; after a barrier rank 0 writes the metadata, fsyncs, and
-renames the folder to ``step-N`` (one atomic rename), then replaces ``latest``. A crash at any point leaves
-the previous checkpoint complete and still the one ``latest`` names; stale ``.tmp-*`` folders are removed at
-the next save.
+Atomicity: every rank writes into ``.tmp-step-N``; after a barrier rank 0 writes the metadata, the ranks
+digest the files (each a share), rank 0 writes the manifest, fsyncs, and renames the folder to ``step-N``
+(one atomic rename), then replaces ``latest``. A crash at any point leaves the previous checkpoint complete
+and still the one ``latest`` names; stale ``.tmp-*`` folders are removed at the next save.
+
+Verification: resume checks every file against the manifest (present, size, digest) before the model is
+loaded; ``resume: auto`` falls back from a damaged checkpoint to the newest intact one, with a warning naming
+what was wrong, and sets the damaged one aside as ``corrupt-step-N``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -27,6 +35,8 @@ import torch
 from . import distributed as D
 
 META = "thanora_meta.json"
+MANIFEST = "manifest.json"
+log = logging.getLogger("thanora_ds")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -49,6 +59,56 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """This rank's share of a folder's files for digesting (round robin: ranks hash in parallel)."""
+    return names[D.rank()::D.world_size()]
+
+
+def write_manifest(folder: Path) -> None:
+    """Collective: every rank digests its share of the files, rank 0 writes ``manifest.json``."""
+    names = _files(folder)
+    mine = {n: {"size": (folder / n).stat().st_size, "sha256": file_digest(folder / n)} for n in _my_share(names)}
+    entries = {}
+    for part in D.all_gather_objects(mine):
+        entries.update(part)
+    if D.is_main():
+        atomic_write_text(folder / MANIFEST, json.dumps({"files": dict(sorted(entries.items()))}, indent=1))
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint's files match its manifest, else what is wrong (names the file). Collective."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{folder / MANIFEST} is missing (the checkpoint was not finished, or written by an older version)"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{folder / MANIFEST} is unreadable ({type(err).__name__}: {err})"
+    problems = []
+    for name in _my_share(sorted(manifest)):
+        path, want = folder / name, manifest[name]
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != want["size"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, the manifest says {want['size']} (truncated?)")
+        elif file_digest(path) != want["sha256"]:
+            problems.append(f"{path} does not match its sha256 in the manifest (overwritten or corrupted)")
+    found = sorted(p for part in D.all_gather_objects(problems) for p in part)
+    return "; ".join(found) if found else None
 
 
 class Checkpoints:
@@ -94,35 +154,68 @@ class Checkpoints:
                 json.dump(meta, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
+        D.barrier()
+        write_manifest(tmp)
+        _fault_point("before_rename", step)
+        if D.is_main():
             _fsync_dir(tmp)
             if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
             atomic_write_text(self.root / "latest", final.name)
-            for old in self.complete()[:-self.keep_last]:
+            # prune only checkpoints older than this one: a newer one (left by a run that resumed an earlier
+            # checkpoint on purpose) is not this save's to delete
+            older = [p for p in self.complete() if p.name < final.name]
+            for old in older[: max(0, len(older) - (self.keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
         D.barrier()
         return final
+
+    def candidates(self) -> list[Path]:
+        """Complete checkpoints to resume from, best first: the one ``latest`` names, then the others newest first."""
+        done = self.complete()[::-1]
+        first = self.latest()
+        return ([first] if first is not None else []) + [p for p in done if p != first]
+
+    def set_aside(self, path: Path, reason: str) -> None:
+        """Rank 0: move a damaged checkpoint out of the way (kept for inspection as ``corrupt-step-N``)."""
+        if D.is_main() and path.is_dir():
+            target = path.with_name(f"corrupt-{path.name}")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(path, target)
+            (target / "WHY.txt").write_text(reason + "\n")
+            log.warning("set aside %s as %s", path.name, target)
 
     @staticmethod
     def read_meta(path: Path) -> dict:
         meta_path = Path(path) / META
         if not meta_path.is_file():
             raise CheckpointError(f"{path} is not a complete thanora_ds checkpoint (no {META})")
-        return json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{meta_path} is unreadable ({type(err).__name__}: {err})") from None
+        if not isinstance(meta, dict) or "step" not in meta:
+            raise CheckpointError(f"{meta_path} has no 'step': not a thanora_ds checkpoint")
+        return meta
 
     @staticmethod
     def load(engine, path: Path) -> dict:
         """Load the engine state; returns this rank's rank state (RNG, sampler)."""
         path = Path(path)
-        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")
         rank_file = path / f"rank-{D.rank():05d}.pt"
         if not rank_file.is_file():
             raise CheckpointError(f"{rank_file} is missing: the checkpoint is incomplete")
-        return torch.load(rank_file, weights_only=False)
+        try:
+            loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+            state = torch.load(rank_file, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - unpickling errors of a damaged file come in many types
+            raise CheckpointError(f"{path}: could not be loaded ({type(err).__name__}: {err})") from None
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")
+        return state
 
 
 def check_compatible(meta: dict, fingerprint: dict, world_size: int, path: Path) -> None:
@@ -140,9 +233,14 @@ def check_compatible(meta: dict, fingerprint: dict, world_size: int, path: Path)
             "checkpointing, or relaunch with the same number of ranks)")
 
 
+def fault_requested(where: str, step: int) -> bool:
+    """Test hook: THANORA_FAULT=WHERE:STEP (after_engine_save, before_rename: SIGKILL inside that save;
+    nan_adapter: a NaN written into an adapter after that optimizer step)."""
+    return os.environ.get("THANORA_FAULT", "") == f"{where}:{step}"
+
+
 def _fault_point(where: str, step: int) -> None:
-    """Test hook: THANORA_FAULT=after_engine_save:STEP kills this process with SIGKILL at that point of the
-    save of step STEP, to prove that an interrupted save leaves the previous checkpoint usable."""
-    spec = os.environ.get("THANORA_FAULT", "")
-    if spec == f"{where}:{step}":
+    """SIGKILL this process at that point of the save of step STEP when the test hook asks for it, to prove that
+    an interrupted save leaves the previous checkpoint usable."""
+    if fault_requested(where, step):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -76,3 +76,23 @@ class ThanoraConfig:
             if need > self.rank:
                 raise bad("rank", f"r={self.rank} is too small for {num_tasks} tasks at min_rank={self.min_rank} "
                                   f"plus a shared block of {r_c}: need r >= {need}")
+
+    def check_rank_fits(self, shapes: dict[str, tuple[int, ...]], num_tasks: int) -> None:
+        """Before the model loads (``shapes`` from the weight files' headers): in modes orthogonal and corda the
+        task rows of a layer are orthonormal directions of its input space and singular vectors of its weight,
+        so r - r_c of them must fit into min(d_out, d_in) of every adapted layer. Mode random has no such bound."""
+        if self.mode == "random":
+            return
+        need = self.rank - self.resolved_shared_rank(num_tasks)
+        for name, shape in shapes.items():
+            parts = name.split(".")
+            if len(shape) != 2 or len(parts) < 2 or parts[-2] not in self.targets or parts[-1] != "weight":
+                continue
+            if any(skip in name for skip in ("vision_tower", "vision_model", "multi_modal_projector", "lm_head")):
+                continue
+            if need > min(shape):
+                raise ConfigError(
+                    f"thanora.rank: r={self.rank} leaves {need} task rows per layer, more than {name} of shape "
+                    f"{list(shape)} has directions (min(d_out, d_in) = {min(shape)}) for mode {self.mode}; lower "
+                    f"thanora.rank to <= {min(shape) + self.resolved_shared_rank(num_tasks)}, raise "
+                    "thanora.shared_rank, or drop that target")

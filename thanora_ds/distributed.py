@@ -124,6 +124,19 @@ def write_param(param: torch.nn.Parameter, value: torch.Tensor | None, src: int 
         safe_set_full_fp32_param(param, full.to(param.device))
 
 
+def local_values(param: torch.Tensor) -> torch.Tensor:
+    """The values of ``param`` this rank holds (its ZeRO-3 partition, or the whole tensor); no communication."""
+    return param.ds_tensor if is_partitioned(param) else param.data
+
+
+def non_finite_params(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the parameters with a NaN or inf anywhere, on any rank (collective: every rank gets the list)."""
+    local = [name for name, p in named if not bool(torch.isfinite(local_values(p)).all())]
+    if not any_rank(bool(local)):
+        return []
+    return sorted({n for names in all_gather_objects(local) for n in names})
+
+
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
     """A detached full copy of ``param`` on CPU (gathers a ZeRO-3 partition; collective in that case)."""
     with gathered([param]):
@@ -297,6 +310,30 @@ def _derive_master(launcher: str) -> None:
     os.environ.setdefault("MASTER_ADDR", addr)
     if port:
         os.environ.setdefault("MASTER_PORT", port)
+
+
+LAUNCHER_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_STEP_ID")
+
+
+def watch_launcher(on_lost, interval_s: float = 2.0) -> bool:
+    """Under a launcher (torchrun, deepspeed, mpirun, srun), call ``on_lost(reason)`` once, from a daemon thread,
+    when this rank's parent process is gone (the launcher was killed: its ranks would otherwise train on,
+    orphaned, into an output directory a rerun may be using). Returns whether a watch was started; a plain
+    ``python launchers/train.py`` is not watched (its parent is a shell that may legitimately go away)."""
+    import threading
+    import time
+
+    if not any(v in os.environ for v in LAUNCHER_VARIABLES):
+        return False
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        on_lost(f"the launcher process (pid {parent}) is gone")
+
+    threading.Thread(target=watch, name="thanora-launcher-watch", daemon=True).start()
+    return True
 
 
 def apply_dist_settings(settings) -> dict[str, str]:

@@ -6,6 +6,8 @@ partitioned as they load and no rank ever holds a full copy (and Hugging Face's 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -30,6 +32,44 @@ def load_processor(cfg: ModelConfig):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, processor
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_digest(path: str | Path, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
+    """A cheap identity of a model folder's weights: sha256 over each weight file's name, size, safetensors
+    header (names, dtypes, shapes, offsets) and ``samples`` evenly spaced ``sample_bytes`` reads of its data.
+    Two folders with the same config.json but other weights (another fine-tune, another seed) differ in
+    their data everywhere, so the sampled reads tell them apart without reading gigabytes."""
+    import hashlib
+    import struct
+
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    for file in files:
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            if file.suffix == ".safetensors" and size >= 8:
+                (n,) = struct.unpack("<Q", f.read(8))
+                h.update(f.read(min(n, size - 8)))
+            for k in range(samples):
+                f.seek(max(0, (size - sample_bytes) * k // max(1, samples - 1)))
+                h.update(f.read(sample_bytes))
+    return h.hexdigest()
+
+
+def weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a model folder's safetensors headers (no weight is read); {} without them."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
 
 
 def hidden_size(path: str) -> int:

@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as D
-from .checkpoint import Checkpoints, check_compatible
+from .checkpoint import CheckpointError, Checkpoints, atomic_write_text, check_compatible, fault_requested, verify
 from .data import build_multitask_data, collate_batch, preview_batches
 from .data.encode import IGNORE_INDEX
 from .hasi import common_prefix_length
 from .initializer import Allocation, plot_allocation, run_hasi, subtract_corda_residual
 from .inject import inject_thanora, multimodal_projector, spr_loss
+from .run_lock import OutputLock, RunLockedError
 from .train_config import TrainConfig
 
 log = logging.getLogger("thanora_ds")
@@ -66,11 +67,14 @@ def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
 
 def run_fingerprint(cfg: TrainConfig, tasks: list[str]) -> dict:
     """What must be equal for a checkpoint to belong to this run (everything else may change on resume)."""
+    from .modeling import weights_digest
+
     th = cfg.thanora
     return {
         "model": str(Path(cfg.model.path).resolve()),
-        # the base model's identity survives a move of its folder
+        # the base model's identity survives a move of its folder: its config and (sampled) weights
         "model_config_sha256": hashlib.sha256((Path(cfg.model.path) / "config.json").read_bytes()).hexdigest(),
+        "model_weights_digest": weights_digest(cfg.model.path),
         "tasks": list(tasks),
         "thanora": {k: getattr(th, k) for k in ("rank", "alpha", "rslora", "targets", "shared_rank", "mode",
                                                   "train_projector")},
@@ -86,12 +90,16 @@ class _StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.reason = ""
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
-        log.warning("received %s: will checkpoint after this step and exit", signal.Signals(signum).name)
+        self.request(f"received {signal.Signals(signum).name}")
+
+    def request(self, reason: str) -> None:
+        self.requested, self.reason = True, reason
+        log.warning("%s: will checkpoint after this step and exit", reason)
 
 
 class Trainer:
@@ -102,14 +110,17 @@ class Trainer:
         self.stop = _StopRequest()
         self.metrics_file = None
         self.writer = None
+        self.lock: OutputLock | None = None
 
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
         D.init_distributed(cfg.dist)
         self.rank, self.world = D.rank(), D.world_size()
+        self._lock_output_dir()
+        D.watch_launcher(self.stop.request)
         torch.manual_seed(cfg.train.seed)
-        from .modeling import hidden_size, load_model, load_processor
+        from .modeling import hidden_size, load_model, load_processor, weight_shapes
 
         self.tokenizer, self.processor = load_processor(cfg.model)
         t0 = time.time()
@@ -118,6 +129,7 @@ class Trainer:
         log.info("data: %d tasks %s, train sizes %s, preview %s (%.1fs)", len(self.tasks), self.tasks,
                  self.data.task_sizes, [len(self.data.preview[t]) for t in self.tasks], time.time() - t0)
         cfg.thanora.validate(len(self.tasks))
+        cfg.thanora.check_rank_fits(weight_shapes(cfg.model.path), len(self.tasks))
         self.fingerprint = run_fingerprint(cfg, self.tasks)
         self.resume_from = self._resume_checkpoint()
 
@@ -139,7 +151,8 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
         self.model = self.engine.module
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.trainable = [p for _, p in self.named_trainable]
         self.sampler = self.data.make_sampler(self.rank, self.world)
         self.step = 0
         self.hasi_seconds = 0.0
@@ -159,6 +172,19 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
+    def _lock_output_dir(self) -> None:
+        """Rank 0 takes the output directory's lock (held until the run ends); every rank learns the outcome."""
+        error = None
+        if D.is_main():
+            self.lock = OutputLock(self.out)
+            try:
+                self.lock.acquire()
+            except RunLockedError as err:
+                self.lock, error = None, str(err)
+        error = D.all_gather_objects(error)[0]
+        if error:
+            raise RunLockedError(error)
+
     def _param_groups(self, model) -> list[dict]:
         cfg = self.cfg
         projector = multimodal_projector(model)
@@ -171,15 +197,38 @@ class Trainer:
         return groups
 
     def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from, verified against its manifest before the model is loaded. ``auto``
+        falls back from a damaged checkpoint to the newest intact one (warning, the damaged one set aside); an
+        explicit path must be intact; another run's checkpoint is refused either way."""
         mode = self.cfg.train.resume
         if mode == "never":
             return None
-        path = self.checkpoints.latest() if mode == "auto" else Path(mode)
-        if path is None:
-            return None
-        self.resume_meta = Checkpoints.read_meta(path)
-        check_compatible(self.resume_meta, self.fingerprint, self.world, path)
-        return path
+        explicit = mode != "auto"
+        rejected: list[tuple[Path, str]] = []
+        for path in [Path(mode)] if explicit else self.checkpoints.candidates():
+            problem = verify(path)
+            if problem is None:
+                try:
+                    meta = Checkpoints.read_meta(path)
+                except CheckpointError as err:
+                    problem = str(err)
+            if problem is not None:
+                if explicit:
+                    raise CheckpointError(f"train.resume: {path} is damaged, not resumed: {problem}")
+                log.warning("checkpoint %s is damaged, trying the previous one: %s", path.name, problem)
+                rejected.append((path, problem))
+                continue
+            check_compatible(meta, self.fingerprint, self.world, path)
+            D.barrier()  # every rank has verified before a damaged one is moved
+            for bad, why in rejected:
+                self.checkpoints.set_aside(bad, why)
+            self.resume_meta = meta
+            return path
+        if rejected:
+            raise CheckpointError(f"no intact checkpoint to resume in {self.checkpoints.root}:\n  "
+                                  + "\n  ".join(f"{p.name}: {why}" for p, why in rejected)
+                                  + "\n(train.resume=never starts afresh in another train.output_dir)")
+        return None
 
     # ------------------------------------------------------------------------------------------------------
     def _initialize_subspaces(self) -> None:
@@ -223,6 +272,10 @@ class Trainer:
             for name, adapter in self.adapters.items():
                 subtract_corda_residual(adapter, init[f"{name}.corda_A0"], init[f"{name}.corda_B0"])
         state = Checkpoints.load(self.engine, path)
+        bad = D.non_finite_params(self.named_trainable)
+        if bad:
+            raise CheckpointError(f"{path} holds non-finite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''});"
+                                  " not resumed (train.resume=PATH picks an earlier checkpoint)")
         self.step = int(self.resume_meta["step"])
         self.sampler.load_state_dict(state["sampler"])
         D.set_rng_state(state["rng"])
@@ -279,8 +332,8 @@ class Trainer:
             for t, loss_t, n_t in zip(batch["task_ids"].tolist(), per_sample.tolist(), tokens.tolist()):
                 stats.task_loss[t] += loss_t
                 stats.task_tokens[t] += n_t
-        stats.loss_sum += float(task_loss)
-        stats.spr = float(spr) if spr is not None else 0.0
+        stats.loss_sum += float(task_loss.detach())
+        stats.spr = float(spr.detach()) if spr is not None else 0.0
         stats.tokens += int(batch["attention_mask"].sum())
         stats.micro += 1
 
@@ -297,7 +350,14 @@ class Trainer:
                     raise NonFiniteError(f"non-finite gradient norm at step {self.step + 1}; stopped before the "
                                          "optimizer step. Lower train.lr or check the data.")
             lr = self.scheduler.get_last_lr()[0]
-            self.engine.step()
+            try:
+                self.engine.step()
+            except RuntimeError as err:  # torch's Adam: "value cannot be converted to type float without overflow"
+                if "overflow" not in str(err):
+                    raise
+                raise NonFiniteError(f"the optimizer step of step {self.step + 1} overflowed at lr {lr:.3g} ({err}); "
+                                     "stopped without saving. Lower train.lr.") from None
+        self._check_weights(self.step + 1)
         self.step += 1
         seconds = time.time() - t0
         summed = torch.tensor([stats.loss_sum / stats.micro, float(stats.tokens)] + stats.task_loss + stats.task_tokens,
@@ -313,6 +373,19 @@ class Trainer:
             **{f"loss/{name}": float(task_loss[t] / task_tokens[t]) for t, name in enumerate(self.tasks)
                if task_tokens[t] > 0},
         }
+
+    def _check_weights(self, step: int) -> None:
+        """After the optimizer step: a non-finite trainable weight stops the run before anything is saved, so the
+        last checkpoint written stays the newest (and intact) one."""
+        if fault_requested("nan_adapter", step) and D.is_main():
+            with torch.no_grad():
+                D.local_values(self.trainable[0]).view(-1)[0] = float("nan")
+        bad = D.non_finite_params(self.named_trainable)
+        if bad:
+            latest = self.checkpoints.latest()
+            raise NonFiniteError(f"non-finite weights after the optimizer step of step {step} in {len(bad)} parameter(s) "
+                                 f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); stopped without saving, "
+                                 f"the newest checkpoint is still {latest.name if latest else 'none'}. Lower train.lr.")
 
     def log_metrics(self, record: dict, bar) -> None:
         if not D.is_main():
@@ -345,7 +418,6 @@ class Trainer:
                 self.save()
                 last_saved = self.step
             if stop:
-                log.warning("stopped at step %d (signal or train.stop_at_step); the same command resumes", self.step)
                 break
         if self.step >= cfg.train.max_steps and last_saved != self.step:
             self.save()
@@ -353,9 +425,32 @@ class Trainer:
             bar.close()
         if self.step >= cfg.train.max_steps:
             self.write_final_adapter()
+        self.write_status("finished" if self.step >= cfg.train.max_steps else "stopped", self.stop.reason)
+        return self.step
+
+    def write_status(self, state: str, reason: str = "") -> None:
+        """OUTPUT/status.json: how the run ended (finished / stopped / failed), for scripts and for users whose
+        launcher's exit code says less (torchrun exits 1 after forwarding a SIGTERM even when every rank saved)."""
+        if not D.is_main():
+            return
+        latest = self.checkpoints.latest()
+        status = {"state": state, "step": self.step, "max_steps": self.cfg.train.max_steps, "reason": reason,
+                  "latest_checkpoint": str(latest) if latest else None,
+                  "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "status.json", json.dumps(status, indent=1))
+        if state == "stopped":
+            log.warning("stopped at step %d (%s); checkpoint %s saved; this rank exits 0 and the same command "
+                        "resumes (torchrun itself exits 1 after forwarding a SIGTERM: %s says what happened)",
+                        self.step, reason or "train.stop_at_step", latest.name if latest else "-", self.out / "status.json")
+
+    def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        return self.step
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def write_final_adapter(self) -> None:
         """Gathered fp32 adapter weights (+ trained projector) of the finished run in one safetensors file."""
@@ -384,5 +479,9 @@ def train(cfg: TrainConfig) -> int:
     try:
         trainer.setup()
         return trainer.fit()
+    except NonFiniteError as err:
+        trainer.write_status("failed", str(err))
+        raise
     finally:
+        trainer.close()
         release_zero3_model_loading()
