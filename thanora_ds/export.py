@@ -18,6 +18,7 @@ import os
 import re
 import resource
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import distributed as D
-from .checkpoint import META, CheckpointError, Checkpoints
+from .checkpoint import META, CheckpointError, Checkpoints, verify
 from .config import ThanoraConfig, from_dict
 from .initializer import Allocation, subtract_corda_residual
 from .merge import merged_weight, peft_pair, write_peft
@@ -108,6 +109,9 @@ def load_checkpoint(path: str | Path) -> RunCheckpoint:
     """Everything merge/export/eval need from one checkpoint folder (no GPU, no process group)."""
     path = Path(path)
     meta = Checkpoints.read_meta(path)
+    problem = verify(path)
+    if problem:
+        raise ExportError(f"{path}: damaged checkpoint: {problem}")
     config = meta.get("config") or {}
     if "thanora" not in config or "model" not in config:
         raise ExportError(f"{path / META}: no 'config.thanora' / 'config.model' (written by another version?)")
@@ -197,11 +201,20 @@ def _comparable_config(path: Path) -> dict:
     return clean(json.loads((path / "config.json").read_text()))
 
 
-def check_base(ckpt: RunCheckpoint, base: BaseWeights) -> dict[str, str]:
-    """Refuse a base model the checkpoint was not trained on. Returns {file key: adapter layer or projector
+def check_base(ckpt: RunCheckpoint, base: BaseWeights, allow_other_weights: bool = False) -> dict[str, str]:
+    """Refuse a base model the checkpoint was not trained on: another config, a layer of another shape, or (from
+    the run's weights digest) other weights under the same config. Returns {file key: adapter layer or projector
     parameter name} for the tensors the merge replaces."""
+    from .modeling import weights_digest
+
     if not (base.path / "config.json").is_file():
         raise ExportError(f"{base.path}: no config.json (not a Hugging Face model folder)")
+    trained_digest = ckpt.meta.get("fingerprint", {}).get("model_weights_digest")
+    if trained_digest and not allow_other_weights and weights_digest(base.path) != trained_digest:
+        raise ExportError(f"{base.path}: its weights are not those the run trained on ({ckpt.path / META} records "
+                          f"another weights digest of {ckpt.base_path}): another fine-tune, seed or dtype of the same "
+                          "architecture. Merge into the very base that was trained on (pass --allow-other-weights "
+                          "only if you know this copy holds the same values, e.g. re-saved in another dtype)")
     trained_on = Path(ckpt.base_path)
     if trained_on.resolve() != base.path.resolve() and (trained_on / "config.json").is_file():
         ours, theirs = _comparable_config(base.path), _comparable_config(trained_on)
@@ -243,20 +256,72 @@ def parse_size(text: str | int) -> int:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the files merge / export write: with --overwrite, only these are replaced (or removed when stale) in an existing folder
+OUTPUT_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                   "adapter_config.json", RUN_INFO)
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+@contextmanager
+def output_folder(out_dir: str | Path, protected: list[str | Path], overwrite: bool = False):
+    """A fresh folder to write merge / export output into, moved into place as ``out_dir`` on success.
+
+    Never writes into, or deletes from, a folder this command did not create unless ``overwrite``: an existing
+    non-empty ``out_dir`` is refused, and with ``overwrite`` only the files written (and stale files of the same
+    kinds, ``OUTPUT_PATTERNS``) are replaced. ``out_dir`` may never overlap a ``protected`` folder (the base model,
+    the checkpoints), whatever ``overwrite`` says. On failure the partial folder is removed and ``out_dir`` is
+    untouched."""
+    out = Path(out_dir).resolve()
+    for p in protected:
+        if p and _overlap(out, Path(p).resolve()):
+            raise ExportError(f"--out {out_dir}: overlaps {p}, which this command reads (the base model or the "
+                              "checkpoints); choose a separate folder")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out_dir}: exists and is not a folder")
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing and not overwrite:
+        raise ExportError(f"--out {out_dir}: not empty ({', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''})"
+                          "; choose a new folder, or pass --overwrite to replace the files merge writes there")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)  # a leftover of this very pid's earlier attempt
+    partial.mkdir()
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if not out.exists():
+        os.replace(partial, out)
+        return
+    written = {p.name for p in partial.iterdir()}
+    for pattern in OUTPUT_PATTERNS:
+        for stale in out.glob(pattern):
+            if stale.name not in written and stale.is_file():
+                stale.unlink()
+    for item in partial.iterdir():
+        target = out / item.name
+        if target.is_dir() and not item.is_dir():
+            raise ExportError(f"--out {out_dir}: {target} is a folder where merge writes a file; left as it is "
+                              f"(the output is in {partial})")
+        os.replace(item, target)
+    partial.rmdir()
 
 
 @torch.no_grad()
 def stream_merge(ckpt: RunCheckpoint, base_path: str | Path, out_dir: str | Path, max_shard_size="5GB",
-                 dtype: str | None = None, progress: bool = True) -> dict:
-    """Write the merged model (weights, config, generation config, tokenizer/processor) to ``out_dir``."""
+                 dtype: str | None = None, progress: bool = True, allow_other_weights: bool = False) -> dict:
+    """Write the merged model (weights, config, generation config, tokenizer/processor) to ``out_dir`` (a fresh
+    folder: see ``output_folder``)."""
     from tqdm import tqdm
 
     base = BaseWeights(base_path)
-    targets = check_base(ckpt, base)
+    targets = check_base(ckpt, base, allow_other_weights)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        stale.unlink()
     limit, cast = parse_size(max_shard_size), DTYPES[dtype] if dtype else None
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes, written, weight_map, total = 0, [], {}, 0
@@ -331,10 +396,11 @@ def _save_processor(source: str | Path, model_path: str | Path, out: Path) -> No
     loader.from_pretrained(str(source)).save_pretrained(out)
 
 
-def export_adapter(ckpt: RunCheckpoint, base_path: str | Path, out_dir: str | Path) -> dict:
+def export_adapter(ckpt: RunCheckpoint, base_path: str | Path, out_dir: str | Path,
+                   allow_other_weights: bool = False) -> dict:
     """PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for the ORIGINAL base model."""
     base = BaseWeights(base_path)
-    check_base(ckpt, base)
+    check_base(ckpt, base, allow_other_weights)
     th = ckpt.thanora
     layers = {name: (a, b, *ckpt.corda.get(name, (None, None))) for name, (a, b) in ckpt.lora.items()}
     write_peft(out_dir, layers, ckpt.projector, th.rank, th.alpha, th.rslora, th.dropout, str(base_path))
