@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 8 launchers/train.py --config CONFIG.yaml ...
     mpirun -n 8 python launchers/train.py --config CONFIG.yaml ...     (or srun under SLURM)
     python launchers/train.py --config CONFIG.yaml ...                 (one process)
+    python launchers/train.py --config CONFIG.yaml --check             (validate config, data, checkpoint; no model)
 
 Exit codes: 0 finished or checkpointed on SIGTERM/SIGUSR1 (resume with the same command), 2 bad config, data
 or checkpoint, or the output directory in use by another run (nothing expensive was started), 3 non-finite loss,
@@ -22,6 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML or JSON run config")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, the data (record by record) and the resume checkpoint, then exit "
+                             "without loading the model (0: all good, 2: a named problem)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10 thanora.rank=8")
     args = parser.parse_args(argv)
@@ -40,7 +44,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_train_config(args.config, args.overrides)
-        train(cfg)
+        train(cfg, check_only=args.check)
     except (ConfigError, DataValidationError, CheckpointError, RunLockedError) as err:
         logging.getLogger("thanora_ds").error("%s: %s", type(err).__name__, err)
         return 2

@@ -84,15 +84,15 @@ class ThanoraConfig:
         if self.mode == "random":
             return
         need = self.rank - self.resolved_shared_rank(num_tasks)
-        for name, shape in shapes.items():
-            parts = name.split(".")
-            if len(shape) != 2 or len(parts) < 2 or parts[-2] not in self.targets or parts[-1] != "weight":
-                continue
-            if any(skip in name for skip in ("vision_tower", "vision_model", "multi_modal_projector", "lm_head")):
-                continue
-            if need > min(shape):
-                raise ConfigError(
-                    f"thanora.rank: r={self.rank} leaves {need} task rows per layer, more than {name} of shape "
-                    f"{list(shape)} has directions (min(d_out, d_in) = {min(shape)}) for mode {self.mode}; lower "
-                    f"thanora.rank to <= {min(shape) + self.resolved_shared_rank(num_tasks)}, raise "
-                    "thanora.shared_rank, or drop that target")
+        adapted = {name: shape for name, shape in shapes.items() if len(shape) == 2 and name.endswith(".weight")
+                   and name.split(".")[-2] in self.targets
+                   and not any(skip in name for skip in ("vision_tower", "vision_model", "multi_modal_projector"))}
+        if not adapted:
+            return
+        name, shape = min(adapted.items(), key=lambda item: min(item[1]))
+        if need > min(shape):
+            raise ConfigError(
+                f"thanora.rank: r={self.rank} leaves {need} task rows per layer, more than {name} of shape "
+                f"{list(shape)} has directions (min(d_out, d_in) = {min(shape)}) for mode {self.mode}; lower "
+                f"thanora.rank to <= {min(shape) + self.resolved_shared_rank(num_tasks)}, raise "
+                "thanora.shared_rank, or drop that target")

@@ -178,8 +178,6 @@ class TrainConfig:
                     "stop_at_step"):
             if getattr(t, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
-        if not t.lr > 0:
-            raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
         if t.projector_lr is not None and not t.projector_lr > 0:
             raise ConfigError(f"train.projector_lr: must be > 0, got {t.projector_lr}")
         if not 0 <= t.min_lr_ratio <= 1:

@@ -27,6 +27,7 @@ from .initializer import Allocation, plot_allocation, run_hasi, subtract_corda_r
 from .inject import inject_thanora, multimodal_projector, spr_loss
 from .run_lock import OutputLock, RunLockedError
 from .train_config import TrainConfig
+from .typed_config import ConfigError
 
 log = logging.getLogger("thanora_ds")
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
@@ -103,8 +104,9 @@ class _StopRequest:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, check_only: bool = False):
         self.cfg = cfg
+        self.check_only = check_only  # validate config, data and resume checkpoint, then stop before the model
         self.out = Path(cfg.train.output_dir)
         self.checkpoints = Checkpoints(self.out, cfg.train.keep_last)
         self.stop = _StopRequest()
@@ -117,8 +119,9 @@ class Trainer:
         cfg = self.cfg
         D.init_distributed(cfg.dist)
         self.rank, self.world = D.rank(), D.world_size()
-        self._lock_output_dir()
-        D.watch_launcher(self.stop.request)
+        if not self.check_only:
+            self._lock_output_dir()
+            D.watch_launcher(self.stop.request)
         torch.manual_seed(cfg.train.seed)
         from .modeling import hidden_size, load_model, load_processor, weight_shapes
 
@@ -133,12 +136,18 @@ class Trainer:
         self.fingerprint = run_fingerprint(cfg, self.tasks)
         self.resume_from = self._resume_checkpoint()
 
-        template = json.loads(cfg.deepspeed_path().read_text())
-        self.ds_config = D.fill_deepspeed_config(
-            template, micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.gradient_accumulation_steps,
-            clip=cfg.train.max_grad_norm, bf16=cfg.model.dtype == "bf16", hidden_size=hidden_size(cfg.model.path),
-            overrides=cfg.deepspeed.overrides)
+        try:
+            self.ds_config = D.fill_deepspeed_config(
+                cfg.deepspeed_template(), micro_batch_size=cfg.train.micro_batch_size,
+                grad_accum=cfg.train.gradient_accumulation_steps, clip=cfg.train.max_grad_norm,
+                bf16=cfg.model.dtype == "bf16", hidden_size=hidden_size(cfg.model.path))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.zero = D.zero_stage(self.ds_config)
+        if self.check_only:
+            log.info("check passed: config, %d tasks of data, %s; nothing loaded or written", len(self.tasks),
+                     f"resume from {self.resume_from}" if self.resume_from else "a fresh start")
+            return
         model = load_model(cfg.model, self.ds_config)
         self.partition = D.partition_sizes(model.parameters())
         log.info("model loaded: %d parameters, %d held by this rank", *self.partition)
@@ -220,7 +229,7 @@ class Trainer:
                 continue
             check_compatible(meta, self.fingerprint, self.world, path)
             D.barrier()  # every rank has verified before a damaged one is moved
-            for bad, why in rejected:
+            for bad, why in rejected if not self.check_only else []:
                 self.checkpoints.set_aside(bad, why)
             self.resume_meta = meta
             return path
@@ -472,13 +481,14 @@ class Trainer:
             self.allocation.save(final / "allocation.json")
 
 
-def train(cfg: TrainConfig) -> int:
+def train(cfg: TrainConfig, check_only: bool = False) -> int:
+    """Run the job; with ``check_only`` validate everything that precedes the model load and return 0."""
     from .modeling import release_zero3_model_loading
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, check_only)
     try:
         trainer.setup()
-        return trainer.fit()
+        return 0 if check_only else trainer.fit()
     except NonFiniteError as err:
         trainer.write_status("failed", str(err))
         raise
