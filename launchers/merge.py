@@ -58,7 +58,8 @@ def main(argv=None) -> int:
                  meta.get("world_size"), base)
         if not base or not Path(base).is_dir():
             raise CheckpointError(f"base model {base!r} not found (the run's model.path); pass --base")
-        with output_folder(args.out, [base, path.parent], args.overwrite) as partial:
+        protected = [base, path] + ([path.parent] if path.parent.name == "checkpoints" else [])
+        with output_folder(args.out, protected, args.overwrite) as partial:
             ckpt = load_checkpoint(path)
             if args.adapter_only:
                 stats = export_adapter(ckpt, base, partial, args.allow_other_weights)

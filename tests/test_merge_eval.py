@@ -219,6 +219,8 @@ def test_merge_refuses_a_base_the_checkpoint_was_not_trained_on(run, tmp_path):
     meta = json.loads((ckpt / "thanora_meta.json").read_text())
     meta["config"]["model"]["path"] = str(tmp_path / "moved")
     (ckpt / "thanora_meta.json").write_text(json.dumps(meta))
+    from thanora_ds.checkpoint import write_manifest
+    write_manifest(ckpt)  # the edit is deliberate: record it, or the damaged-checkpoint check would answer first
     proc = run_script("merge.py", str(ckpt), "--out", str(tmp_path / "m"), "--base", str(other), "--adapter-only",
                       check=False)
     assert proc.returncode == 2

@@ -235,7 +235,8 @@ def check_compatible(meta: dict, fingerprint: dict, world_size: int, path: Path)
 
 def fault_requested(where: str, step: int) -> bool:
     """Test hook: THANORA_FAULT=WHERE:STEP (after_engine_save, before_rename: SIGKILL inside that save;
-    nan_adapter: a NaN written into an adapter after that optimizer step)."""
+    nan_adapter: a NaN written into an adapter after that optimizer step; pause_after: idle after that step
+    until a stop is requested, then checkpoint and exit)."""
     return os.environ.get("THANORA_FAULT", "") == f"{where}:{step}"
 
 

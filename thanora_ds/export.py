@@ -209,12 +209,6 @@ def check_base(ckpt: RunCheckpoint, base: BaseWeights, allow_other_weights: bool
 
     if not (base.path / "config.json").is_file():
         raise ExportError(f"{base.path}: no config.json (not a Hugging Face model folder)")
-    trained_digest = ckpt.meta.get("fingerprint", {}).get("model_weights_digest")
-    if trained_digest and not allow_other_weights and weights_digest(base.path) != trained_digest:
-        raise ExportError(f"{base.path}: its weights are not those the run trained on ({ckpt.path / META} records "
-                          f"another weights digest of {ckpt.base_path}): another fine-tune, seed or dtype of the same "
-                          "architecture. Merge into the very base that was trained on (pass --allow-other-weights "
-                          "only if you know this copy holds the same values, e.g. re-saved in another dtype)")
     trained_on = Path(ckpt.base_path)
     if trained_on.resolve() != base.path.resolve() and (trained_on / "config.json").is_file():
         ours, theirs = _comparable_config(base.path), _comparable_config(trained_on)
@@ -239,6 +233,12 @@ def check_base(ckpt: RunCheckpoint, base: BaseWeights, allow_other_weights: bool
             raise ExportError(f"{ckpt.path}: trained projector parameter {name} {list(value.shape)} has no "
                               f"counterpart of that shape in {base.path}")
         targets[key] = name
+    trained_digest = ckpt.meta.get("fingerprint", {}).get("model_weights_digest")
+    if trained_digest and not allow_other_weights and weights_digest(base.path) != trained_digest:
+        raise ExportError(f"{base.path}: its weights are not those the run trained on ({ckpt.path / META} records "
+                          f"another weights digest of {ckpt.base_path}): another fine-tune, seed or dtype of the same "
+                          "architecture. Merge into the very base that was trained on (pass --allow-other-weights "
+                          "only if you know this copy holds the same values, e.g. re-saved in another dtype)")
     return targets
 
 

@@ -14,15 +14,33 @@ then, over all layers at once (scaled_softmax pools a scale per module type), ra
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 ALLOCATIONS = ("scaled_softmax", "softmax", "proportional", "uniform")
 SPECTRA = ("weighted", "covariance")
 DECOMP_DTYPE = torch.float64  # SVDs of d x d statistics: fp64 keeps step-0 equalities at 1e-6
+# How the weighted spectrum of K = W (C + delta I) is computed (docs/performance.md, "HASI at scale"):
+#   svd64   reference: torch.linalg.svd of K in fp64
+#   gram32  eigh of the smaller Gram matrix (K^T K or K K^T) in fp32: sigma = sqrt(eigenvalues), the kept right
+#           vectors directly (K^T K) or as K^T u / sigma (K K^T); entropies, ranks and kept subspaces checked
+#           against svd64 in tests/test_hasi_decomposition.py
+#   svd32, gram64: the other two combinations (measured, not recommended)
+# THANORA_HASI_DECOMPOSITION overrides the default for a run (every rank must see the same value).
+DECOMPOSITIONS = ("svd64", "svd32", "gram64", "gram32")
+DEFAULT_DECOMPOSITION = "svd64"
+
+
+def decomposition_route(name: str | None = None) -> str:
+    """The route to use: ``name``, else $THANORA_HASI_DECOMPOSITION, else DEFAULT_DECOMPOSITION."""
+    route = name or os.environ.get("THANORA_HASI_DECOMPOSITION") or DEFAULT_DECOMPOSITION
+    if route not in DECOMPOSITIONS:
+        raise ValueError(f"HASI decomposition must be one of {DECOMPOSITIONS}, got {route!r}")
+    return route
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -54,24 +72,58 @@ class Spectrum:
     u: torch.Tensor | None = None
 
 
-def task_spectrum(weight: torch.Tensor, cov: torch.Tensor, spectrum: str = "weighted", keep: int | None = None) -> Spectrum:
-    """Spectrum of K = W (C + delta I) (``weighted``) or of C alone (``covariance``, eigenvalues)."""
+def task_spectrum(weight: torch.Tensor, cov: torch.Tensor, spectrum: str = "weighted", keep: int | None = None,
+                  decomposition: str | None = None) -> Spectrum:
+    """Spectrum of K = W (C + delta I) (``weighted``) or of C alone (``covariance``, eigenvalues).
+
+    ``decomposition`` (weighted only; see DECOMPOSITIONS) picks how K's spectrum is computed; the result is
+    always returned in DECOMP_DTYPE. Left vectors ``u`` are returned by svd64/svd32 only (nothing downstream
+    reads them)."""
     if spectrum not in SPECTRA:
         raise ValueError(f"thanora.spectrum must be one of {SPECTRA}, got {spectrum!r}")
-    cov = cov.to(DECOMP_DTYPE)
+    route = decomposition_route(decomposition)
     if spectrum == "covariance":
+        cov = cov.to(DECOMP_DTYPE)
         evals, evecs = torch.linalg.eigh(cov)
         order = torch.argsort(evals, descending=True)
         sigma = evals[order].clamp_min(0.0)
         vh = evecs[:, order].T
         u = None
     else:
-        damped = cov + damping(cov) * torch.eye(cov.shape[0], dtype=cov.dtype)
-        u, sigma, vh = torch.linalg.svd(weight.to(DECOMP_DTYPE) @ damped, full_matrices=False)
+        dtype = torch.float64 if route.endswith("64") else torch.float32
+        cov = cov.to(dtype)
+        damped = cov + damping(cov) * torch.eye(cov.shape[0], dtype=dtype, device=cov.device)
+        k = weight.to(dtype) @ damped
+        if route.startswith("svd"):
+            u, sigma, vh = torch.linalg.svd(k, full_matrices=False)
+        else:
+            sigma, vh = _gram_spectrum(k, keep)
+            u = None
+        sigma, vh = sigma.to(DECOMP_DTYPE), vh.to(DECOMP_DTYPE)
+        u = None if u is None else u.to(DECOMP_DTYPE)
     if keep is not None:  # clones: slices would keep the full d x d factors alive until the blocks are built
         vh = vh[:keep].clone()
         u = None if u is None else u[:, :keep].clone()
     return Spectrum(sigma=sigma, vh=vh, u=u)
+
+
+def _gram_spectrum(k: torch.Tensor, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (all min(m, n), decreasing) and the leading ``keep`` right singular vectors (rows) of
+    the m x n matrix ``k`` from the eigendecomposition of its smaller Gram matrix, in k's dtype."""
+    m, n = k.shape
+    small = min(m, n)
+    keep = small if keep is None else min(keep, small)
+    if n <= m:   # K^T K = V S^2 V^T (n x n): the right vectors directly
+        evals, evecs = torch.linalg.eigh(k.T @ k)
+        sigma = evals.flip(0).clamp_min(0.0).sqrt()
+        return sigma, evecs.flip(1)[:, :keep].T
+    evals, evecs = torch.linalg.eigh(k @ k.T)   # K K^T = U S^2 U^T (m x m), then v_i = K^T u_i / sigma_i
+    sigma = evals.flip(0).clamp_min(0.0).sqrt()
+    u = evecs.flip(1)[:, :keep]
+    vh = u.T @ k
+    # renormalize rather than divide by sigma: identical in exact arithmetic, and safe for sigma_i ~ 0
+    vh = vh / vh.norm(dim=1, keepdim=True).clamp_min(torch.finfo(k.dtype).tiny)
+    return sigma, vh
 
 
 def normalized_spectral_entropy(sigma: torch.Tensor) -> float:
@@ -96,7 +148,7 @@ def allocation_shares(entropy: torch.Tensor, module_types: Sequence[str], method
     if method not in ALLOCATIONS:
         raise ValueError(f"thanora.allocation must be one of {ALLOCATIONS}, got {method!r}")
     h = entropy.to(DECOMP_DTYPE)
-    n_layers, n_tasks = h.shape
+    _, n_tasks = h.shape
     uniform = torch.full_like(h, 1.0 / n_tasks)
     if method == "uniform":
         return uniform
@@ -123,7 +175,7 @@ def largest_remainder_ranks(shares: torch.Tensor, total: int, min_rank: int) -> 
     if spare < 0:
         raise ValueError(f"cannot give {n_tasks} tasks min_rank={min_rank} each from {total} task ranks")
     exact = [float(s) * spare for s in shares]
-    ranks = [min_rank + int(math.floor(x)) for x in exact]
+    ranks = [min_rank + math.floor(x) for x in exact]
     left = total - sum(ranks)
     order = sorted(range(n_tasks), key=lambda t: (-(exact[t] - math.floor(exact[t])), t))
     for t in order[:left]:

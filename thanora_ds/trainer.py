@@ -252,6 +252,9 @@ class Trainer:
         self.allocation = run_hasi(self.model, self.adapters, cfg.thanora, self.tasks, batches, prefix,
                                    sample_counts=[len(p) for p in previews],
                                    groups_per_pass=cfg.train.hasi_groups_per_pass)
+        from .initializer import release_after_hasi  # issue 14: drop ZeRO-3's preview trace and HASI's freed heap
+
+        release_after_hasi(self.engine)
         self.hasi_seconds = time.time() - t0
         log.info("HASI: prefix %d tokens, %.1fs, ranks of layer 0: %s", prefix, self.hasi_seconds,
                  self.allocation.ranks[0] if self.allocation.ranks else None)
@@ -426,6 +429,11 @@ class Trainer:
             if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.save()
                 last_saved = self.step
+            if fault_requested("pause_after", self.step):  # test hook: a run that is alive but idle
+                deadline = time.time() + 600
+                while not D.any_rank(self.stop.requested) and time.time() < deadline:
+                    time.sleep(0.2)
+                stop = True
             if stop:
                 break
         if self.step >= cfg.train.max_steps and last_saved != self.step:
