@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from thanora_ds.distributed import free_port  # noqa: E402
+from thanora_ds.distributed import free_port
 
 VARIANTS = {
     "lora": ["thanora.mode=random", "thanora.allocation=uniform", "thanora.spr_lambda=0"],
@@ -35,26 +35,37 @@ VARIANTS = {
 }
 # On a shared machine the load changes during a run: each variant runs `--rounds` times, interleaved
 # (lora, thanora, no_spr, lora, ...), and the fastest round counts.
+WARMUP_STEPS = 2   # left out of every median (shared with benchmarks/peers.py)
+
+
+def launch_command(script_args: list[str], nproc: int, python: str | None = None) -> list[str]:
+    """``python script ...`` for one process, torchrun (on a free port) for more."""
+    python = python or sys.executable
+    if nproc > 1:
+        return [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}", *script_args]
+    return [python, *script_args]
+
+
+def steady_median(values: list[float], warmup: int = WARMUP_STEPS) -> float:
+    """Median after the warm-up steps (all of them when there are no more)."""
+    return statistics.median(values[warmup:] or values)
 
 
 def run(config: str, nproc: int, steps: int, out: Path, extra: list[str]) -> dict:
     args = [str(REPO / "launchers" / "train.py"), "--config", config, f"train.output_dir={out}",
             f"train.max_steps={steps}", "train.save_every=0", "train.resume=never", "train.tensorboard=false",
             *extra]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", *args]
-    else:
-        cmd = [sys.executable, *args]
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(launch_command(args, nproc), check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     wall = time.time() - t0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timings = json.loads((out / "timings.json").read_text())
-    steady = metrics[2:] or metrics
-    step = statistics.median(m["step_seconds"] for m in steady)
-    return {"step_s": step, "step_min_s": min(m["step_seconds"] for m in steady), "hasi_s": timings.get("hasi_seconds", 0.0),
-            "wall_s": wall, "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steady)}
+    seconds = [m["step_seconds"] for m in metrics]
+    return {"step_s": steady_median(seconds), "step_min_s": min(seconds[WARMUP_STEPS:] or seconds),
+            "hasi_s": timings.get("hasi_seconds", 0.0), "wall_s": wall,
+            "tokens_per_s": steady_median([m["tokens_per_s"] for m in metrics])}
 
 
 def isolated_spr_seconds(out: Path, repeats: int = 20) -> float:
