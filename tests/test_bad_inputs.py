@@ -377,6 +377,9 @@ CASES = [
          setup=resume_from(garbage(RANK), explicit=False, which="all")),
     Case("ckpt_other_run", [r"comes from another run; refusing to resume.*thanora: checkpoint has .*'rank': 8.*'rank': 12"],
          ["thanora.rank=12"], setup=resume_from(None, explicit=False)),
+    Case("ckpt_resume_never_over_checkpoints", [r"train\.resume=never, but .*checkpoints holds checkpoints of an "
+                                                r"earlier run"], ["train.resume=never"],
+         setup=resume_from(None, explicit=False)),
     Case("ckpt_other_base_weights", [r"comes from another run.*model_weights_digest"],
          setup=lambda c, f, r: resume_from(None, explicit=False)(c, f, r) + [f"model.path={r['other']}"]),
 ]

@@ -181,9 +181,10 @@ class Checkpoints:
     def set_aside(self, path: Path, reason: str) -> None:
         """Rank 0: move a damaged checkpoint out of the way (kept for inspection as ``corrupt-step-N``)."""
         if D.is_main() and path.is_dir():
-            target = path.with_name(f"corrupt-{path.name}")
-            if target.exists():
-                shutil.rmtree(target)
+            target, n = path.with_name(f"corrupt-{path.name}"), 1
+            while target.exists():  # an earlier damaged copy of the same step: keep both
+                n += 1
+                target = path.with_name(f"corrupt-{path.name}.{n}")
             os.replace(path, target)
             (target / "WHY.txt").write_text(reason + "\n")
             log.warning("set aside %s as %s", path.name, target)
@@ -225,7 +226,7 @@ def check_compatible(meta: dict, fingerprint: dict, world_size: int, path: Path)
              if theirs.get(k) != v]
     if diffs:
         raise CheckpointError(f"{path} comes from another run; refusing to resume:\n  " + "\n  ".join(diffs)
-                              + "\n(use train.resume=never or another train.output_dir to start afresh)")
+                              + "\n(start afresh in another train.output_dir)")
     if meta.get("world_size") != world_size:
         raise CheckpointError(
             f"{path} was written by {meta.get('world_size')} ranks and this run has {world_size}: DeepSpeed ZeRO "

@@ -211,6 +211,9 @@ class Trainer:
         explicit path must be intact; another run's checkpoint is refused either way."""
         mode = self.cfg.train.resume
         if mode == "never":
+            if self.checkpoints.complete():  # a fresh start here would mix its checkpoints and metrics with theirs
+                raise CheckpointError(f"train.resume=never, but {self.checkpoints.root} holds checkpoints of an earlier "
+                                      "run; start afresh in another train.output_dir (or resume it: train.resume=auto)")
             return None
         explicit = mode != "auto"
         rejected: list[tuple[Path, str]] = []
@@ -236,7 +239,7 @@ class Trainer:
         if rejected:
             raise CheckpointError(f"no intact checkpoint to resume in {self.checkpoints.root}:\n  "
                                   + "\n  ".join(f"{p.name}: {why}" for p, why in rejected)
-                                  + "\n(train.resume=never starts afresh in another train.output_dir)")
+                                  + "\n(start afresh in another train.output_dir)")
         return None
 
     # ------------------------------------------------------------------------------------------------------
