@@ -271,11 +271,17 @@ def worker_llamafactory(out: Path, config: str, steps: int, overrides: list[str]
     """LLaMA-Factory's LoRA SFT via llamafactory.train.tuner.run_exp, in LLaMA-Factory's own environment.
     Runs without thanora_ds installed: the config is read with yaml, the DeepSpeed config filled here the same
     way (the values this framework would put for "auto")."""
+    import deepspeed
+    import deepspeed.ops
     import torch
     import yaml
     from accelerate import PartialState
 
-    PartialState(backend="gloo" if not torch.cuda.is_available() else None)
+    cpu = not torch.cuda.is_available()
+    if cpu:  # as thanora_ds.distributed does: no JIT-built shared-memory all-reduce op, gloo
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+    PartialState(backend="gloo" if cpu else None)
     from transformers import AutoConfig, TrainerCallback
 
     raw = yaml.safe_load(Path(config).read_text())
@@ -295,10 +301,10 @@ def worker_llamafactory(out: Path, config: str, steps: int, overrides: list[str]
             r = json.loads(line)
             if "messages" in r:
                 msgs = r["messages"]
-                records.append({"instruction": "\n".join(m["content"] for m in msgs if m["role"] == "user"),
+                records.append({"instruction": "\n".join(m["content"] for m in msgs if m["role"] == "user"), "input": "",
                                 "output": "\n".join(m["content"] for m in msgs if m["role"] == "assistant")})
             else:
-                records.append({"instruction": r["prompt"], "output": r["response"]})
+                records.append({"instruction": r["prompt"], "input": "", "output": r["response"]})
     data_dir = out / "lf_data"
     data_dir.mkdir(exist_ok=True)
     (data_dir / "demo.json").write_text(json.dumps(records))
@@ -336,6 +342,12 @@ def worker_llamafactory(out: Path, config: str, steps: int, overrides: list[str]
                 with open(out / "steps.jsonl", "a") as f:
                     f.write(json.dumps({"seconds": seconds, "tokens": float(tokens)}) + "\n")
 
+    try:  # LLaMA-Factory 0.9.5 imports torchaudio at module level (audio inputs only); no torchaudio release loads
+        import torchaudio  # noqa: F401  # with torch 2.13 (newest is 2.11.1): a text-only run gets a stub
+    except (ImportError, OSError):
+        import types
+
+        sys.modules["torchaudio"] = types.ModuleType("torchaudio")
     from llamafactory.train.tuner import run_exp
 
     cutoff = int(dcfg.get("max_length", 384))
