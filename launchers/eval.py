@@ -36,36 +36,42 @@ def data_config(args, run_config: dict | None):
     raise ValueError("no data config: pass --data DATA.yaml or --config RUN.yaml")
 
 
-def load(args):
-    """(model, tokenizer, processor, run config or None, description)."""
+def describe(args):
+    """(run config or None, model folder, tokenizer/processor folder, checkpoint folder or None): cheap, read
+    before anything is loaded so that a bad argument or data config is reported first."""
+    from thanora_ds.checkpoint import Checkpoints
+    from thanora_ds.export import RUN_INFO, find_checkpoint
+
+    if args.checkpoint:
+        path = find_checkpoint(args.checkpoint, args.tag)
+        run_config = Checkpoints.read_meta(path).get("config") or {}
+        model_cfg = run_config.get("model", {})
+        return run_config, args.base or model_cfg.get("path", ""), model_cfg.get("processor_path"), path
+    path = Path(args.model)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {args.model}: not a Hugging Face model folder (no config.json)")
+    info = path / RUN_INFO
+    run_config = json.loads(info.read_text()).get("config") if info.is_file() else None
+    return run_config, str(path), args.processor, None
+
+
+def load_model(args, model_path: str, checkpoint):
+    """(model, description)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from thanora_ds.export import RUN_INFO, build_adapted_model, find_checkpoint, load_checkpoint
-    from thanora_ds.modeling import is_multimodal, load_processor
-    from thanora_ds.train_config import ModelConfig
+    from thanora_ds.export import build_adapted_model, load_checkpoint
+    from thanora_ds.modeling import is_multimodal
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    if args.checkpoint:
-        ckpt = load_checkpoint(find_checkpoint(args.checkpoint, args.tag))
-        base = args.base or ckpt.base_path
-        tokenizer, processor = load_processor(ModelConfig(path=base, processor_path=ckpt.config["model"].get("processor_path")))
-        if args.zero_shot:
-            model, what = None, f"base model {base} (zero-shot; run {ckpt.path})"
-        else:
-            model = build_adapted_model(ckpt, base, dtype)
-            what = f"checkpoint {ckpt.path} (step {ckpt.meta.get('step')}, unmerged adapters)"
-        run_config, path = ckpt.config, base
-    else:
-        path = args.model
-        info = Path(path) / RUN_INFO
-        run_config = json.loads(info.read_text()).get("config") if info.is_file() else None
-        tokenizer, processor = load_processor(ModelConfig(path=path, processor_path=args.processor))
-        model, what = None, f"model {path}"
-    if model is None:
-        cls = AutoModelForImageTextToText if is_multimodal(path) else AutoModelForCausalLM
-        model = cls.from_pretrained(path, dtype=dtype, attn_implementation=args.attn_implementation).eval()
-    return model.to(args.device), tokenizer, processor, run_config, what
+    if checkpoint is not None and not args.zero_shot:
+        ckpt = load_checkpoint(checkpoint)
+        model = build_adapted_model(ckpt, model_path, dtype)
+        return model.to(args.device), f"checkpoint {ckpt.path} (step {ckpt.meta.get('step')}, unmerged adapters)"
+    cls = AutoModelForImageTextToText if is_multimodal(model_path) else AutoModelForCausalLM
+    model = cls.from_pretrained(model_path, dtype=dtype, attn_implementation=args.attn_implementation).eval()
+    what = f"base model {model_path} (zero-shot; run {checkpoint})" if checkpoint is not None else f"model {model_path}"
+    return model.to(args.device), what
 
 
 def main(argv=None) -> int:
@@ -101,15 +107,22 @@ def main(argv=None) -> int:
     from thanora_ds.config import ConfigError
     from thanora_ds.data import DataValidationError, build_multitask_data
     from thanora_ds.evaluate import evaluate, markdown_table, write_report
+    from thanora_ds.modeling import load_processor
+    from thanora_ds.train_config import ModelConfig
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, tokenizer, processor, run_config, what = load(args)
+        run_config, model_path, processor_path, checkpoint = describe(args)
         cfg = data_config(args, run_config)
+        tokenizer, processor = load_processor(ModelConfig(path=model_path, processor_path=processor_path))
         data = build_multitask_data(cfg, tokenizer=None if processor else tokenizer, processor=processor)
+        unknown = sorted(set(args.tasks or []) - set(data.tasks))
+        if unknown:
+            raise ValueError(f"--tasks: {unknown} not in the data's tasks {data.tasks}")
+        model, what = load_model(args, model_path, checkpoint)
         report = evaluate(model, data, tokenizer, args.batch_size, args.max_new_tokens, args.tasks, args.limit,
                           with_loss=not args.no_loss)
-    except (CheckpointError, ConfigError, DataValidationError, ValueError, FileNotFoundError) as err:
+    except (CheckpointError, ConfigError, DataValidationError, ValueError, OSError) as err:
         log.error("%s: %s", type(err).__name__, err)
         return 2
     report["model"] = what

@@ -34,7 +34,7 @@ def _load_launcher(name: str):
     return module
 
 
-TRAIN, MERGE = _load_launcher("train"), _load_launcher("merge")
+TRAIN, MERGE, EVAL = _load_launcher("train"), _load_launcher("merge"), _load_launcher("eval")
 
 
 class ModelLoaded(AssertionError):
@@ -412,7 +412,7 @@ def test_bad_train_input(case: Case, runs, tmp_path, caplog):
 
 
 def test_table_is_large_enough():
-    assert len(CASES) + len(MERGE_CASES) >= 60
+    assert len(CASES) + len(MERGE_CASES) + len(EVAL_CASES) >= 60
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -526,3 +526,36 @@ def test_second_run_on_a_locked_output_dir_is_refused(runs, tmp_path, caplog):
     lock.acquire()
     lock.release()
     assert f"pid {holder.pid}" in _messages(caplog) and "no longer running" in _messages(caplog)
+
+
+def bad_data_yaml(t: Path) -> str:
+    (t / "data.yaml").write_text("sources: [a.jsonl]\npreview_samples: many\n")
+    return str(t / "data.yaml")
+
+
+# (id, argv (runs, tmp) -> eval.py arguments, regexes): each fails before any model is loaded
+EVAL_CASES = [
+    ("model_not_hf", lambda r, t: ["--model", str(t), "--out", str(t / "e")], [r"--model .*: not a Hugging Face model"]),
+    ("checkpoint_not_a_run", lambda r, t: ["--checkpoint", str(t), "--out", str(t / "e")], [r"no complete checkpoint"]),
+    ("tag_missing", lambda r, t: ["--checkpoint", run_dir(r), "--tag", "9", "--out", str(t / "e")],
+     [r"step-00000009: no complete checkpoint"]),
+    ("tasks_unknown", lambda r, t: ["--checkpoint", run_dir(r), "--tasks", "colour", "--out", str(t / "e")],
+     [r"--tasks: \['colour'\] not in the data's tasks \['color', 'count', 'story'\]"]),
+    ("data_yaml_bad_type", lambda r, t: ["--checkpoint", run_dir(r), "--data", bad_data_yaml(t), "--out", str(t / "e")],
+     [r"data\.preview_samples: expected an integer, got a string 'many'"]),
+    ("no_data_config", lambda r, t: ["--model", str(r["root"] / "text" / "model"), "--out", str(t / "e")],
+     [r"no data config: pass --data"]),
+]
+
+
+@pytest.mark.parametrize("case", EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
+def test_bad_eval_input(case, runs, tmp_path, caplog, monkeypatch):
+    name, argv_of, expect = case
+    def refuse(*args, **kwargs):
+        raise ModelLoaded("eval loaded the model before reporting the bad input")
+    monkeypatch.setattr(EVAL, "load_model", refuse)
+    rc = EVAL.main(argv_of(runs, tmp_path))
+    text = _messages(caplog)
+    assert rc == 2, f"exit {rc}; log:\n{text[-3000:]}"
+    for pattern in expect:
+        assert re.search(pattern, text, re.S), f"{pattern!r} not in the log:\n{text[-3000:]}"
