@@ -1,14 +1,16 @@
 """The cheaper HASI decomposition routes (hasi.DECOMPOSITIONS) against the fp64 SVD reference, on plain tensors.
 
-gram32 (eigh of the smaller Gram matrix in fp32) is accepted where it gives the same entropies (|dH| <= 1e-4),
-the same integer ranks, singular values within 1e-3 of sigma_1 and the same leading right subspaces as svd64."""
+Tolerances: gram64 (eigh of the smaller Gram matrix in fp64) equals svd64 to fp64 noise (|dH| <= 1e-8); the fp32
+routes (gram32, svd32) give |dH| <= 5e-4 on these deliberately ill-conditioned inputs (condition numbers up to
+~1e6; on SmolLM2's real statistics gram32 was within 2e-6, docs/performance.md), singular values within 1e-3 of
+sigma_1, the same leading right vectors (|cos| >= 1 - 1e-4) and, in the allocation test, the same integer ranks."""
 import pytest
 import torch
 
 from thanora_ds import hasi
 from thanora_ds.hasi import allocate_ranks, normalized_spectral_entropy, task_spectrum
 
-ENTROPY_TOL = 1e-4
+ENTROPY_TOL = {"gram64": 1e-8, "svd32": 5e-4, "gram32": 5e-4}
 
 
 def layer_inputs(d_out: int, d_in: int, tokens: int, seed: int, decay: float):
@@ -36,7 +38,7 @@ def test_route_matches_fp64_svd(route, d_out, d_in):
     assert got.sigma.dtype == ref.sigma.dtype == torch.float64 and got.sigma.shape == ref.sigma.shape
     assert (got.sigma[:-1] >= got.sigma[1:]).all()                         # decreasing
     assert (got.sigma - ref.sigma).abs().max() <= 1e-3 * ref.sigma[0]
-    assert abs(normalized_spectral_entropy(got.sigma) - normalized_spectral_entropy(ref.sigma)) <= ENTROPY_TOL
+    assert abs(normalized_spectral_entropy(got.sigma) - normalized_spectral_entropy(ref.sigma)) <= ENTROPY_TOL[route]
     # the kept right vectors: orthonormal rows, and the same directions (up to sign) as the reference
     assert got.vh.shape == ref.vh.shape == (keep, d_in)
     torch.testing.assert_close(got.vh @ got.vh.T, torch.eye(keep, dtype=torch.float64), atol=1e-4, rtol=0)
@@ -44,22 +46,23 @@ def test_route_matches_fp64_svd(route, d_out, d_in):
     assert cosines.min() >= 1 - 1e-4, cosines
 
 
-def test_gram32_gives_the_same_allocation():
+@pytest.mark.parametrize("route", ["gram64", "gram32"])
+def test_gram_routes_give_the_same_allocation(route):
     """Entropies of 6 layers x 3 tasks (different statistics per task) through both routes: same ranks."""
-    entropies = {"svd64": [], "gram32": []}
+    ref_rows, got_rows = [], []
     for layer, (d_out, d_in) in enumerate(SHAPES * 2):
-        row = {r: [] for r in entropies}
+        ref_row, got_row = [], []
         for task, decay in enumerate((0.5, 3.0, 8.0)):
             weight, cov = layer_inputs(d_out, d_in, tokens=300, seed=10 * layer, decay=decay)
             cov = cov * (1 + task)   # scale must not matter (entropy of normalized spectrum)
-            for route in entropies:
-                row[route].append(normalized_spectral_entropy(
-                    task_spectrum(weight, cov, "weighted", keep=4, decomposition=route).sigma))
-        for route in entropies:
-            entropies[route].append(row[route])
-    ref = torch.tensor(entropies["svd64"], dtype=torch.float64)
-    got = torch.tensor(entropies["gram32"], dtype=torch.float64)
-    assert (got - ref).abs().max() <= ENTROPY_TOL
+            for rows, r in ((ref_row, "svd64"), (got_row, route)):
+                rows.append(normalized_spectral_entropy(
+                    task_spectrum(weight, cov, "weighted", keep=4, decomposition=r).sigma))
+        ref_rows.append(ref_row)
+        got_rows.append(got_row)
+    ref = torch.tensor(ref_rows, dtype=torch.float64)
+    got = torch.tensor(got_rows, dtype=torch.float64)
+    assert (got - ref).abs().max() <= ENTROPY_TOL[route]
     assert ref.std(dim=1).min() > 1e-3           # the tasks differ, so the allocation is not trivially uniform
     types = [f"m{i % 3}" for i in range(len(SHAPES) * 2)]
     ranks_ref = allocate_ranks(ref, types, 12, "scaled_softmax", 3.0, 1)
