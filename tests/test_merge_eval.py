@@ -170,6 +170,12 @@ def test_peft_export_on_the_original_base_gives_the_live_adapted_logits(run, ref
     base = model_class(run["llava"]).from_pretrained(run["base"], dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     torch.testing.assert_close(logits(peft_model, batch), adapted, atol=1e-5, rtol=0)
+    # the auto classes rebuild the base from the adapter alone (base_model_name_or_path + task type / auto mapping)
+    from peft import AutoPeftModel, AutoPeftModelForCausalLM
+    auto = (AutoPeftModel if run["llava"] else AutoPeftModelForCausalLM).from_pretrained(
+        tmp_path / "peft", dtype=torch.float32).eval()
+    assert type(auto.get_base_model()).__name__ == type(base).__name__
+    torch.testing.assert_close(logits(auto, batch), adapted, atol=1e-5, rtol=0)
 
 
 def test_two_rank_checkpoint_read_in_one_process_without_process_group(run, reference, tmp_path):

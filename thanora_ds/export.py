@@ -396,6 +396,15 @@ def _save_processor(source: str | Path, model_path: str | Path, out: Path) -> No
     loader.from_pretrained(str(source)).save_pretrained(out)
 
 
+def base_model_class(base_path: str | Path) -> tuple[str, str] | None:
+    """(class name, module) of the base model as its config.json names it, e.g. LlavaForConditionalGeneration."""
+    import transformers
+
+    names = json.loads((Path(base_path) / "config.json").read_text()).get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names else None
+    return (cls.__name__, cls.__module__) if cls is not None else None
+
+
 def export_adapter(ckpt: RunCheckpoint, base_path: str | Path, out_dir: str | Path,
                    allow_other_weights: bool = False) -> dict:
     """PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for the ORIGINAL base model."""
@@ -403,7 +412,8 @@ def export_adapter(ckpt: RunCheckpoint, base_path: str | Path, out_dir: str | Pa
     check_base(ckpt, base, allow_other_weights)
     th = ckpt.thanora
     layers = {name: (a, b, *ckpt.corda.get(name, (None, None))) for name, (a, b) in ckpt.lora.items()}
-    write_peft(out_dir, layers, ckpt.projector, th.rank, th.alpha, th.rslora, th.dropout, str(base_path))
+    write_peft(out_dir, layers, ckpt.projector, th.rank, th.alpha, th.rslora, th.dropout, str(Path(base_path).resolve()),
+               base_model_class(base_path))
     _save_processor(ckpt.processor_path if Path(ckpt.processor_path).is_dir() else base_path, base_path, Path(out_dir))
     (Path(out_dir) / RUN_INFO).write_text(json.dumps(ckpt.run_info("peft_adapter"), indent=1, default=str))
     return {"layers": len(layers), "projector_params": len(ckpt.projector), "peak_rss_mb": peak_rss_mb()}

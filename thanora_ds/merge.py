@@ -51,11 +51,22 @@ def merge_into_base(model: nn.Module) -> nn.Module:
     return model
 
 
+def peft_task(model_class: str | None, module: str | None) -> dict:
+    """What lets PEFT's auto classes rebuild the base: ``task_type: CAUSAL_LM`` for a causal LM
+    (``AutoPeftModelForCausalLM``); otherwise (LLaVA: no PEFT task type fits) the base class itself as
+    ``auto_mapping`` (``AutoPeftModel``)."""
+    if model_class is None:
+        return {"task_type": None}
+    if model_class.endswith("ForCausalLM"):
+        return {"task_type": "CAUSAL_LM"}
+    return {"task_type": None, "auto_mapping": {"base_model_class": model_class, "parent_library": module}}
+
+
 def peft_config(targets: list[str], rank: int, alpha: float, rslora: bool, dropout: float, base_path: str,
-                modules_to_save: list[str] | None, corda: bool) -> dict:
+                modules_to_save: list[str] | None, corda: bool, model_class: tuple[str, str] | None = None) -> dict:
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        **peft_task(*(model_class or (None, None))),
         "base_model_name_or_path": base_path,
         "r": 2 * rank if corda else rank,
         "lora_alpha": peft_alpha(alpha, rslora, corda),
@@ -88,12 +99,13 @@ def export_peft(model: nn.Module, out_dir: str | Path, base_path: str = "") -> N
         proj_name = next(n for n, m in model.named_modules() if m is projector)
         projector_params = {f"{proj_name}.{n}": p for n, p in projector.named_parameters()}
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
-    write_peft(out_dir, layers, projector_params, first.rank, first.alpha, first.rslora, dropout, base_path)
+    write_peft(out_dir, layers, projector_params, first.rank, first.alpha, first.rslora, dropout, base_path,
+               (type(model).__name__, type(model).__module__))
 
 
 @torch.no_grad()
 def write_peft(out_dir: str | Path, layers: dict, projector: dict[str, torch.Tensor] | None, rank: int, alpha: float,
-               rslora: bool, dropout: float, base_path: str = "") -> None:
+               rslora: bool, dropout: float, base_path: str = "", model_class: tuple[str, str] | None = None) -> None:
     """The PEFT files from plain tensors: ``layers`` maps module name -> (A, B, A_0 or None, B_0 or None);
     ``projector`` maps full parameter names of a trained projector to values (saved as ``modules_to_save``)."""
     corda = next(iter(layers.values()))[2] is not None
@@ -107,7 +119,7 @@ def write_peft(out_dir: str | Path, layers: dict, projector: dict[str, torch.Ten
         modules_to_save = sorted({_module_to_save(n) for n in projector})
         for full_name, p in projector.items():
             tensors[f"base_model.model.{full_name}"] = p.detach().contiguous().cpu()
-    cfg = peft_config(list(layers), rank, alpha, rslora, dropout, base_path, modules_to_save, corda)
+    cfg = peft_config(list(layers), rank, alpha, rslora, dropout, base_path, modules_to_save, corda, model_class)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
