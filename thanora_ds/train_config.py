@@ -45,7 +45,8 @@ class TrainingConfig:
     output_dir: str = "runs/thanora"
     micro_batch_size: int = 4             # per rank
     gradient_accumulation_steps: int = 1
-    max_steps: int = 100                  # optimizer steps
+    max_steps: int | None = None          # optimizer steps; or num_epochs (exactly one of the two)
+    num_epochs: int | None = None         # passes over the training mixture (the sampler's epoch), see README
     lr: float = 2e-4
     projector_lr: float | None = None     # default: lr
     weight_decay: float = 0.0
@@ -170,7 +171,14 @@ class TrainConfig:
             m.attn_implementation = "flash_attention_2" if flash_attention_available() else "sdpa"
         if not self.data.sources:
             raise ConfigError("data.sources: empty; name at least one data file")
-        for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "keep_last", "log_every",
+        if (t.max_steps is None) == (t.num_epochs is None):
+            raise ConfigError("train.max_steps / train.num_epochs: set exactly one of them (got "
+                              f"max_steps={t.max_steps}, num_epochs={t.num_epochs})")
+        if t.num_epochs is not None and t.num_epochs < 1:
+            raise ConfigError(f"train.num_epochs: must be >= 1, got {t.num_epochs}")
+        if t.max_steps is not None and t.max_steps < 1:
+            raise ConfigError(f"train.max_steps: must be >= 1, got {t.max_steps}")
+        for key in ("micro_batch_size", "gradient_accumulation_steps", "keep_last", "log_every",
                     "preview_batch_size"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -58,12 +59,24 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """Linear warmup, then cosine decay to ``lr * min_ratio``: transformers' own schedule (as the HF Trainer)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=min_ratio)
+
+
+def epoch_micro_sizes(draws_per_epoch: int, micro_batch: int, grad_accum: int) -> list[int]:
+    """``train.num_epochs``: the micro-batch sizes of one epoch on one rank. The epoch's draws are spread as evenly
+    as possible over ceil(draws / (micro_batch * grad_accum)) optimizer steps of ``grad_accum`` micro-batches each
+    (sizes differ by at most one, none above ``micro_batch``), so that every draw of the epoch is trained on exactly
+    once and no step borrows from the next epoch."""
+    steps = math.ceil(draws_per_epoch / (micro_batch * grad_accum))
+    micro = steps * grad_accum
+    if draws_per_epoch < micro:
+        raise ConfigError(f"train.num_epochs: an epoch has {draws_per_epoch} draws per rank, fewer than the "
+                          f"{grad_accum} micro-batches of one optimizer step; lower train.gradient_accumulation_steps "
+                          "or use train.max_steps")
+    return [draws_per_epoch // micro + (1 if j < draws_per_epoch % micro else 0) for j in range(micro)]
 
 
 def run_fingerprint(cfg: TrainConfig, tasks: list[str]) -> dict:
@@ -113,6 +126,8 @@ class Trainer:
         self.metrics_file = None
         self.writer = None
         self.lock: OutputLock | None = None
+        # test hook: THANORA_TRACE_SAMPLES=1 writes the ids of every micro-batch to OUTPUT/trace/rank-R.jsonl
+        self.trace = None
 
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -144,6 +159,16 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.zero = D.zero_stage(self.ds_config)
+        self.sampler = self.data.make_sampler(self.rank, self.world)
+        self.micro_sizes = None  # per micro step of an epoch (train.num_epochs); None: always micro_batch_size
+        if cfg.train.num_epochs is not None:
+            self.micro_sizes = epoch_micro_sizes(len(self.sampler), cfg.train.micro_batch_size,
+                                                 cfg.train.gradient_accumulation_steps)
+            self.max_steps = cfg.train.num_epochs * len(self.micro_sizes) // cfg.train.gradient_accumulation_steps
+            log.info("train.num_epochs=%d: %d optimizer steps (%d per epoch)", cfg.train.num_epochs, self.max_steps,
+                     self.max_steps // cfg.train.num_epochs)
+        else:
+            self.max_steps = cfg.train.max_steps
         if self.check_only:
             log.info("check passed: config, %d tasks of data, %s; nothing loaded or written", len(self.tasks),
                      f"resume from {self.resume_from}" if self.resume_from else "a fresh start")
@@ -154,7 +179,7 @@ class Trainer:
         self.adapters = inject_thanora(model, cfg.thanora, len(self.tasks))
         optimizer = torch.optim.AdamW(self._param_groups(model), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                       eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
-        scheduler = cosine_schedule(optimizer, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio)
+        scheduler = cosine_schedule(optimizer, cfg.train.warmup_steps, self.max_steps, cfg.train.min_lr_ratio)
         import deepspeed
 
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -162,7 +187,6 @@ class Trainer:
         self.model = self.engine.module
         self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.trainable = [p for _, p in self.named_trainable]
-        self.sampler = self.data.make_sampler(self.rank, self.world)
         self.step = 0
         self.hasi_seconds = 0.0
         if self.resume_from is not None:
@@ -170,6 +194,9 @@ class Trainer:
         else:
             self._initialize_subspaces()
         self.draws = iter(self.sampler)  # continues from the (restored) sampler state
+        if os.environ.get("THANORA_TRACE_SAMPLES") == "1":
+            (self.out / "trace").mkdir(parents=True, exist_ok=True)
+            self.trace = open(self.out / "trace" / f"rank-{self.rank}.jsonl", "a")
         if D.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
@@ -310,19 +337,27 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------------------------------
-    def _next_batch(self) -> dict:
+    def _next_batch(self, micro: int) -> dict:
+        """The ``micro``-th micro-batch of the current optimizer step."""
+        size = self.cfg.train.micro_batch_size
+        if self.micro_sizes is not None:
+            per_step = self.cfg.train.gradient_accumulation_steps
+            size = self.micro_sizes[(self.step * per_step + micro) % len(self.micro_sizes)]
         examples = []
-        for _ in range(self.cfg.train.micro_batch_size):
+        for _ in range(size):
             try:
                 task_id, index = next(self.draws)
             except StopIteration:  # end of an epoch: the sampler's state has moved on to the next one
                 self.draws = iter(self.sampler)
                 task_id, index = next(self.draws)
             examples.append(self.data.train_example(task_id, index))
+        if self.trace is not None:
+            self.trace.write(json.dumps({"step": self.step + 1, "ids": [e["id"] for e in examples]}) + "\n")
+            self.trace.flush()
         return collate_batch(examples, self.data.pad_token_id)
 
-    def _micro_step(self, stats: StepStats) -> None:
-        batch = self._next_batch()
+    def _micro_step(self, stats: StepStats, micro: int) -> None:
+        batch = self._next_batch(micro)
         device = self.engine.device
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
         if "pixel_values" in inputs:
@@ -357,8 +392,8 @@ class Trainer:
         T = len(self.tasks)
         stats = StepStats(task_loss=[0.0] * T, task_tokens=[0.0] * T)
         t0 = time.time()
-        for _ in range(cfg.train.gradient_accumulation_steps):
-            self._micro_step(stats)
+        for micro in range(cfg.train.gradient_accumulation_steps):
+            self._micro_step(stats, micro)
             if self.engine.is_gradient_accumulation_boundary():
                 grad_norm = D.global_grad_norm(self.trainable, self.zero)
                 if D.any_rank(not math.isfinite(grad_norm)):
@@ -420,11 +455,11 @@ class Trainer:
 
         cfg = self.cfg
         self.engine.train()
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True) if D.is_main() else None
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True) if D.is_main() else None
         last_saved = self.step if self.resume_from is not None else None
-        while self.step < cfg.train.max_steps:
+        while self.step < self.max_steps:
             record = self.train_step()
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
                 self.log_metrics(record, bar)
             if bar is not None:
                 bar.update(1)
@@ -439,13 +474,13 @@ class Trainer:
                 stop = True
             if stop:
                 break
-        if self.step >= cfg.train.max_steps and last_saved != self.step:
+        if self.step >= self.max_steps and last_saved != self.step:
             self.save()
         if bar is not None:
             bar.close()
-        if self.step >= cfg.train.max_steps:
+        if self.step >= self.max_steps:
             self.write_final_adapter()
-        self.write_status("finished" if self.step >= cfg.train.max_steps else "stopped", self.stop.reason)
+        self.write_status("finished" if self.step >= self.max_steps else "stopped", self.stop.reason)
         return self.step
 
     def write_status(self, state: str, reason: str = "") -> None:
@@ -454,7 +489,7 @@ class Trainer:
         if not D.is_main():
             return
         latest = self.checkpoints.latest()
-        status = {"state": state, "step": self.step, "max_steps": self.cfg.train.max_steps, "reason": reason,
+        status = {"state": state, "step": self.step, "max_steps": self.max_steps, "reason": reason,
                   "latest_checkpoint": str(latest) if latest else None,
                   "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.out.mkdir(parents=True, exist_ok=True)
@@ -467,8 +502,9 @@ class Trainer:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        if self.metrics_file is not None:
-            self.metrics_file.close()
+        for f in (self.metrics_file, self.trace):
+            if f is not None:
+                f.close()
         if self.lock is not None:
             self.lock.release()
 
