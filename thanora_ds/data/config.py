@@ -18,6 +18,7 @@ from ..typed_config import ConfigError, from_dict
 
 FORMATS = ("auto", "llava", "chat", "prompt_response")
 MIXINGS = ("natural", "temperature", "weights")
+SOURCE_SPLITS = ("all", "train", "eval")
 
 
 @dataclass
@@ -28,12 +29,17 @@ class SourceConfig:
     path: str
     format: str = "auto"
     task: Optional[str] = None
+    # which splits the file feeds: all (train, preview and a carved-out eval split), train (train and preview
+    # only), eval (the task's eval split is then exactly the records of its eval sources: a benchmark's test set)
+    split: str = "all"
 
     def check_values(self, prefix: str = "data.sources[?]") -> None:
         if self.format not in FORMATS:
             raise ConfigError(f"{prefix}.format: {self.format!r} is not one of {FORMATS} ({self.path})")
         if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):
             raise ConfigError(f"{prefix}.task: must be a non-empty string, got {self.task!r} ({self.path})")
+        if self.split not in SOURCE_SPLITS:
+            raise ConfigError(f"{prefix}.split: {self.split!r} is not one of {SOURCE_SPLITS} ({self.path})")
 
 
 @dataclass

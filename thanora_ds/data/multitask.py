@@ -29,6 +29,7 @@ class _Item:
     task_id: int
     id: str
     images: list[str]
+    source: str = ""
 
 
 class ExampleList(Sequence):
@@ -115,7 +116,7 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
                 log.add(problem_for(rec, p.field, p.message, lines))
                 continue
             truncated[task] = truncated.get(task, 0) + enc.truncated
-            items.append(_Item(enc.input_ids, enc.labels, task_id, rec.id, rec.images))
+            items.append(_Item(enc.input_ids, enc.labels, task_id, rec.id, rec.images, rec.source))
     skipped = log.finish(cfg.skip_invalid)
 
     empty = [t for t in names if not encoded[t]]
@@ -137,17 +138,42 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
         if n:
             logger.info("task %s: %d example(s) truncated to max_length=%d", t, n, cfg.max_length)
 
+    role = {src.path: src.split for src in cfg.sources}
+    without_training = [t for t in tasks if all(role[it.source] == "eval" for it in encoded[t])]
+    if without_training:
+        raise DataValidationError([Problem(file="<config>", field="sources[].split", task=t,
+                                           message=f"task {t} has records only in eval sources: nothing to train on")
+                                   for t in without_training])
     train, preview, eval_ = {}, {}, {}
     for t in tasks:
         items = encoded[t]
-        tr, pv, ev = split_indices(len(items), t, cfg.seed, cfg.preview_samples, cfg.eval_samples)
-        if not pv and cfg.preview_samples > 0:
+        tr_items, pv_items, ev_items = _split_task(t, items, role, cfg)
+        if not pv_items and cfg.preview_samples > 0:
             # too few records for a disjoint preview split (METHOD.md 2.1 caps N_t by the task's size): HASI would
             # see no statistic for this task at all, so its training records are previewed instead
-            pv = tr[: cfg.preview_samples]
+            pv_items = tr_items[: cfg.preview_samples]
             logger.warning("task %s has %d record(s): too few for a separate preview split; HASI previews its %d "
-                           "training record(s) instead (its ranks rest on very little data)", t, len(items), len(pv))
-        train[t] = ExampleList([items[i] for i in tr], processor)
-        preview[t] = ExampleList([items[i] for i in pv], processor)
-        eval_[t] = ExampleList([items[i] for i in ev], processor)
+                           "training record(s) instead (its ranks rest on very little data)", t, len(items), len(pv_items))
+        train[t] = ExampleList(tr_items, processor)
+        preview[t] = ExampleList(pv_items, processor)
+        eval_[t] = ExampleList(ev_items, processor)
     return MultiTaskData(tasks, train, preview, eval_, skipped, pad_id, cfg, {t: n for t, n in truncated.items() if n})
+
+
+def _split_task(task: str, items: list[_Item], role: dict[str, str], cfg: DataConfig):
+    """(train, preview, eval) items of one task. Only `all` sources: one seeded split (splits.py). With eval
+    sources: eval is exactly their records, train and preview come from the rest. With train-only sources and no
+    eval source: eval is carved from the `all` records alone."""
+    evals = [it for it in items if role[it.source] == "eval"]
+    rest = [it for it in items if role[it.source] != "eval"]
+    carvable = [it for it in rest if role[it.source] == "all"]
+    if not evals and len(carvable) == len(rest):
+        tr, pv, ev = split_indices(len(items), task, cfg.seed, cfg.preview_samples, cfg.eval_samples)
+        return [items[i] for i in tr], [items[i] for i in pv], [items[i] for i in ev]
+    if not evals:
+        _, _, ev = split_indices(len(carvable), task, cfg.seed, 0, cfg.eval_samples)
+        evals = [carvable[i] for i in ev]
+        held = {id(it) for it in evals}
+        rest = [it for it in rest if id(it) not in held]
+    tr, pv, _ = split_indices(len(rest), task, cfg.seed, cfg.preview_samples, 0)
+    return [rest[i] for i in tr], [rest[i] for i in pv], evals
