@@ -92,27 +92,34 @@ def _model_device_dtype(model):
     return p.device, p.dtype
 
 
-@torch.no_grad()
-def task_loss(model, items: list[EvalItem], pad_id: int, batch_size: int) -> tuple[float | None, int]:
+def _batch_loss(model, chunk: list[EvalItem], pad_id: int) -> tuple[float, int]:
+    """(sum of the token losses, number of label tokens) of one batch."""
     from .trainer import token_losses
 
     device, dtype = _model_device_dtype(model)
+    batch = collate_batch([it.example for it in chunk], pad_id)
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    if "pixel_values" in batch:
+        inputs["pixel_values"] = batch["pixel_values"].to(device, dtype)
+    logits = model(**inputs, use_cache=False).logits
+    per_token = token_losses(logits, batch["labels"].to(device))
+    return float(per_token.double().sum()), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def task_loss(model, items: list[EvalItem], pad_id: int, batch_size: int) -> tuple[float | None, int]:
     total, tokens = 0.0, 0
     for s in range(0, len(items), batch_size):
-        batch = collate_batch([it.example for it in items[s:s + batch_size]], pad_id)
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") }
-        if "pixel_values" in batch:
-            inputs["pixel_values"] = batch["pixel_values"].to(device, dtype)
-        logits = model(**inputs, use_cache=False).logits
-        per_token = token_losses(logits, batch["labels"].to(device))
-        total += float(per_token.double().sum())
-        tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        loss_sum, n = _batch_loss(model, items[s:s + batch_size], pad_id)
+        total, tokens = total + loss_sum, tokens + n
     return (total / tokens if tokens else None), tokens
 
 
 @torch.no_grad()
-def generate(model, items: list[EvalItem], tokenizer, batch_size: int, max_new_tokens: int) -> tuple[list[str], int, float]:
-    """Greedy answers (in ``items`` order), the number of generated tokens, and the seconds spent generating."""
+def generate(model, items: list[EvalItem], tokenizer, batch_size: int, max_new_tokens: int,
+             synced_gpus: bool = False) -> tuple[list[str], int, float]:
+    """Greedy answers (in ``items`` order), the number of generated tokens, and the seconds spent generating.
+    ``synced_gpus``: every rank keeps stepping until all ranks are done (ZeRO-3 gathers parameters collectively)."""
     device, dtype = _model_device_dtype(model)
     pad = tokenizer.pad_token_id
     gen = copy.deepcopy(model.generation_config)
@@ -137,7 +144,7 @@ def generate(model, items: list[EvalItem], tokenizer, batch_size: int, max_new_t
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels).to(device, dtype)
         t0 = time.perf_counter()
-        out = model.generate(**inputs, generation_config=gen)
+        out = model.generate(**inputs, generation_config=gen, synced_gpus=synced_gpus)
         seconds += time.perf_counter() - t0
         for b, i in enumerate(order[s:s + batch_size]):
             new = out[b, width:].tolist()
@@ -181,6 +188,51 @@ def evaluate(model, data: MultiTaskData, tokenizer, batch_size: int = 8, max_new
                        "tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else None},
         "predictions": [p for r in results for p in r.predictions],
     }
+
+
+@torch.no_grad()
+def evaluate_sharded(model, items_by_task: dict[str, list[EvalItem]], data: MultiTaskData, tokenizer, batch_size: int,
+                     max_new_tokens: int, with_generation: bool) -> dict[str, dict]:
+    """Per-task eval loss (and, with generation, score) under data parallelism, e.g. during training under ZeRO-3.
+
+    Rank r takes eval examples r, r + W, ...; the sums of token losses and token counts are reduced over the ranks,
+    so the loss equals ``evaluate``'s in one process; predictions are gathered and scored as there. Every rank runs
+    the same number of forward / generate calls (ZeRO-3 gathers parameters collectively): a rank whose share is
+    shorter runs a copy of an example whose result it discards."""
+    import math
+
+    from . import distributed as D
+
+    rank, world = D.rank(), D.world_size()
+    cfg: DataConfig = data.config
+    out: dict[str, dict] = {}
+    for task, items in items_by_task.items():
+        mine = items[rank::world]
+        n_batches = math.ceil(math.ceil(len(items) / world) / batch_size)
+        chunks = [mine[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
+        sums = torch.zeros(2, dtype=torch.float64)
+        for chunk in chunks:
+            loss_sum, n = _batch_loss(model, chunk or items[:1], data.pad_token_id)
+            if chunk:
+                sums += torch.tensor([loss_sum, n], dtype=torch.float64)
+        D.all_reduce_sum_(sums)
+        result = {"n": len(items), "loss": float(sums[0] / sums[1]) if sums[1] > 0 else None}
+        if with_generation and items:
+            settings = cfg.tasks.get(task)
+            cap = settings.max_new_tokens if settings and settings.max_new_tokens else max_new_tokens
+            texts: list[str] = []
+            for chunk in chunks:
+                answers, _, _ = generate(model, chunk or items[:1], tokenizer, batch_size, cap, synced_gpus=world > 1)
+                texts += answers if chunk else []
+            gathered = D.all_gather_objects(texts)
+            ordered = [gathered[i % world][i // world] for i in range(len(items))]  # back to items order
+            scores = score_task(settings.scorer if settings else "exact_match", ordered,
+                                [it.reference for it in items], settings.choices if settings else None, task)
+            result["score"] = sum(scores) / len(scores)
+            result["predictions"] = [{"id": it.id, "prediction": t, "score": sc}
+                                     for it, t, sc in zip(items, ordered, scores)]
+        out[task] = result
+    return out
 
 
 def markdown_table(report: dict, title: str = "") -> str:

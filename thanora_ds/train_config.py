@@ -61,6 +61,9 @@ class TrainingConfig:
     resume: str = "auto"                  # auto | never | a checkpoint directory
     stop_at_step: int = 0                 # checkpoint and exit 0 after this step (schedule still max_steps)
     log_every: int = 1
+    eval_every: int = 0                   # steps between evaluations of the eval splits (and at the end); 0 = never
+    eval_generate: bool = False           # also generate and score (each task's scorer), not only the eval loss
+    eval_max_new_tokens: int = 128        # generation cap where data.tasks.<task>.max_new_tokens sets none
     preview_batch_size: int = 8           # HASI preview forward batch size (per rank)
     hasi_groups_per_pass: int = 0         # HASI statistics held for this many input groups at once (0 = all);
                                           # bounds initializer memory, see README "HASI memory"
@@ -179,11 +182,11 @@ class TrainConfig:
         if t.max_steps is not None and t.max_steps < 1:
             raise ConfigError(f"train.max_steps: must be >= 1, got {t.max_steps}")
         for key in ("micro_batch_size", "gradient_accumulation_steps", "keep_last", "log_every",
-                    "preview_batch_size"):
+                    "preview_batch_size", "eval_max_new_tokens"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
         for key in ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "save_every", "hasi_groups_per_pass",
-                    "stop_at_step"):
+                    "stop_at_step", "eval_every"):
             if getattr(t, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
         if t.projector_lr is not None and not t.projector_lr > 0:

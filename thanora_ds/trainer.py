@@ -128,6 +128,7 @@ class Trainer:
         self.lock: OutputLock | None = None
         # test hook: THANORA_TRACE_SAMPLES=1 writes the ids of every micro-batch to OUTPUT/trace/rank-R.jsonl
         self.trace = None
+        self.eval_items = None
 
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -424,6 +425,38 @@ class Trainer:
                if task_tokens[t] > 0},
         }
 
+    def evaluate(self) -> dict:
+        """Per-task eval loss (and scores with train.eval_generate) on the eval splits, sharded over the ranks;
+        logged like the training metrics (``eval/loss/<task>``, OUTPUT/eval.jsonl and the trackers) and written to
+        OUTPUT/eval/step-N.json."""
+        from .evaluate import eval_items, evaluate_sharded
+        from .initializer import reset_zero3_trace
+
+        cfg = self.cfg.train
+        if self.eval_items is None:  # built once: the eval examples and their reference answers
+            self.eval_items = {t: items for t, items in eval_items(self.data, self.tokenizer).items() if items}
+        t0 = time.time()
+        self.model.eval()
+        results = evaluate_sharded(self.model, self.eval_items, self.data, self.tokenizer, cfg.micro_batch_size,
+                                   cfg.eval_max_new_tokens, cfg.eval_generate)
+        self.model.train()
+        reset_zero3_trace(self.engine)  # the eval forwards are not the training order ZeRO-3 should prefetch by
+        record = {"step": self.step, "eval_seconds": time.time() - t0}
+        for task, r in results.items():
+            if r["loss"] is not None:
+                record[f"eval/loss/{task}"] = r["loss"]
+            if r.get("score") is not None:
+                record[f"eval/score/{task}"] = r["score"]
+        if D.is_main():
+            (self.out / "eval").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "eval" / f"step-{self.step:08d}.json",
+                              json.dumps({"step": self.step, "tasks": results}, indent=1))
+            with open(self.out / "eval.jsonl", "a") as f:
+                self.log_metrics(record, None, f)
+            log.info("eval at step %d: %s", self.step, ", ".join(f"{k.split('/', 1)[1]} {v:.4f}"
+                                                                  for k, v in record.items() if k.startswith("eval/")))
+        return results
+
     def _check_weights(self, step: int) -> None:
         """After the optimizer step: a non-finite trainable weight stops the run before anything is saved, so the
         last checkpoint written stays the newest (and intact) one."""
@@ -437,11 +470,13 @@ class Trainer:
                                  f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); stopped without saving, "
                                  f"the newest checkpoint is still {latest.name if latest else 'none'}. Lower train.lr.")
 
-    def log_metrics(self, record: dict, bar) -> None:
+    def log_metrics(self, record: dict, bar, file=None) -> None:
+        """Rank 0: one record into ``file`` (metrics.jsonl by default) and the trackers."""
         if not D.is_main():
             return
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
+        file = file or self.metrics_file
+        file.write(json.dumps(record) + "\n")
+        file.flush()
         if self.writer is not None:
             for k, v in record.items():
                 if k != "step":
@@ -467,6 +502,8 @@ class Trainer:
             if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.save()
                 last_saved = self.step
+            if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == self.max_steps):
+                self.evaluate()
             if fault_requested("pause_after", self.step):  # test hook: a run that is alive but idle
                 deadline = time.time() + 600
                 while not D.any_rank(self.stop.requested) and time.time() < deadline:
