@@ -22,7 +22,10 @@ setup(
         "pillow>=10.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "peft>=0.13", "psutil>=5.9"],
+        "dev": ["pytest>=8", "peft>=0.13", "psutil>=5.9", "ruff>=0.6",
+                "wandb>=0.19", "mlflow-skinny>=2.16", "sqlalchemy>=2.0", "alembic>=1.13"],
+        # train.report_to: wandb / mlflow (MLflow's local store is SQLite: sqlalchemy + alembic)
+        "trackers": ["wandb>=0.19", "mlflow-skinny>=2.16", "sqlalchemy>=2.0", "alembic>=1.13"],
         "gpu": ["flash-attn>=2.7.4"],   # first release built for torch 2.6
         "mpi": ["mpi4py>=3.1"],
     },

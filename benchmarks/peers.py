@@ -146,7 +146,7 @@ def worker_thanora(variant: str, out: Path, config: str, steps: int, overrides: 
 
     cfg = load_train_config(config, [*overrides, *THANORA_VARIANTS[variant], f"train.output_dir={out / 'run'}",
                                      f"train.max_steps={steps}", "train.save_every=0", "train.resume=never",
-                                     "train.tensorboard=false", "train.log_every=1"])
+                                     "train.report_to=[]", "train.log_every=1"])
     trainer = Trainer(cfg)
     trainer.setup()
     _mark_train_start(out)

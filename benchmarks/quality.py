@@ -103,7 +103,7 @@ MODES["long"] = dict(MODES["full"], configs=["lora", "thanora", "no_spr"], max_s
 # Jobs run group by group, each group seed by seed: an interrupted run has the main comparison for all seeds first.
 PRIORITY = [["base", "lora", "thanora"], ["per_task_lora", "no_spr", "random", "uniform", "covariance", "corda"]]
 COMMON_TRAIN = dict(lr=2e-4, gradient_accumulation_steps=1, save_every=0, keep_last=1, log_every=1,
-                    preview_batch_size=8, tensorboard=False, resume="auto")
+                    preview_batch_size=8, report_to=[], resume="auto")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ cuda_tests() {
 train_bf16() {
   local TRAIN_ARGS=(launchers/train.py --config "$CONFIG" "model.path=$MODEL" model.dtype=bf16
                     model.attn_implementation=sdpa train.max_steps=20 "train.output_dir=$OUT/train_bf16"
-                    train.resume=never train.tensorboard=false)
+                    train.resume=never train.report_to=[])
   if [ "$DRY" = 1 ]; then
     "$PY" - "$CONFIG" "${TRAIN_ARGS[@]:3}" <<'PY'
 import sys

@@ -79,7 +79,7 @@ def make_run(tmp: Path, llava: bool = False, seed: int = 0, **overrides) -> Path
                     "train_projector": llava},
         "train": {"output_dir": str(tmp / "out"), "micro_batch_size": 2, "gradient_accumulation_steps": 2,
                   "max_steps": 4, "lr": 5e-3, "warmup_steps": 1, "max_grad_norm": 1.0, "adam_eps": 1e-8, "save_every": 0, "keep_last": 2,
-                  "preview_batch_size": 3, "seed": 1, "tensorboard": True},
+                  "preview_batch_size": 3, "seed": 1, "report_to": ["tensorboard"]},
         "deepspeed": {"config": "ds_configs/zero3.json",
                       "overrides": {"zero_optimization.stage3_param_persistence_threshold": 0}},
     }

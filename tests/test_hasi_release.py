@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
         return seen["trimmed"]
     I.trim_host_memory = spy_trim
 
-    tr = Trainer(load_train_config({config!r}, ["train.max_steps=2", "train.tensorboard=false"]))
+    tr = Trainer(load_train_config({config!r}, ["train.max_steps=2", "train.report_to=[]"]))
     tr.setup()
     coord = tr.engine.optimizer.parameter_offload.get_param_coordinator()
     def mode():

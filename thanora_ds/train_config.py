@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,9 @@ class TrainingConfig:
     preview_batch_size: int = 8           # HASI preview forward batch size (per rank)
     hasi_groups_per_pass: int = 0         # HASI statistics held for this many input groups at once (0 = all);
                                           # bounds initializer memory, see README "HASI memory"
-    tensorboard: bool = True
+    # experiment trackers, rank 0: tensorboard (OUTPUT/tensorboard), wandb, mlflow (thanora_ds/trackers.py); [] = none
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    run_name: str = ""                    # the trackers' run name; default: the output directory's name
 
 
 @dataclass
@@ -199,6 +202,13 @@ class TrainConfig:
             raise ConfigError(f"train.adam_eps: must be > 0, got {t.adam_eps}")
         if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
             raise ConfigError(f"train.resume: {t.resume!r} is neither auto, never nor a checkpoint directory")
+        from .trackers import REPORT_TO
+        unknown = [r for r in t.report_to if r not in REPORT_TO]
+        if unknown:
+            raise ConfigError(f"train.report_to: unknown tracker(s) {unknown}; choose from {list(REPORT_TO)}")
+        for name, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
+            if name in t.report_to and importlib.util.find_spec(module) is None:
+                raise ConfigError(f"train.report_to: {name} is not installed (pip install -e .[trackers])")
         if self.thanora.train_projector is False and t.projector_lr is not None:
             raise ConfigError("train.projector_lr: set, but thanora.train_projector is false")
         self.thanora.validate()

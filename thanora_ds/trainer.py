@@ -124,7 +124,7 @@ class Trainer:
         self.checkpoints = Checkpoints(self.out, cfg.train.keep_last)
         self.stop = _StopRequest()
         self.metrics_file = None
-        self.writer = None
+        self.trackers = None
         self.lock: OutputLock | None = None
         # test hook: THANORA_TRACE_SAMPLES=1 writes the ids of every micro-batch to OUTPUT/trace/rank-R.jsonl
         self.trace = None
@@ -205,9 +205,9 @@ class Trainer:
                        "parameters": self.partition[0], "parameters_on_rank0_after_load": self.partition[1]}
             (self.out / "timings.json").write_text(json.dumps(timings))
             self.metrics_file = open(self.out / "metrics.jsonl", "a")
-            if cfg.train.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(self.out / "tensorboard"))
+            from .trackers import Trackers
+            self.trackers = Trackers(cfg.train.report_to, self.out, cfg.train.run_name or self.out.name,
+                                     json.loads(json.dumps(cfg.to_dict(), default=str)))
 
     def _lock_output_dir(self) -> None:
         """Rank 0 takes the output directory's lock (held until the run ends); every rank learns the outcome."""
@@ -477,10 +477,8 @@ class Trainer:
         file = file or self.metrics_file
         file.write(json.dumps(record) + "\n")
         file.flush()
-        if self.writer is not None:
-            for k, v in record.items():
-                if k != "step":
-                    self.writer.add_scalar(k if "/" in k else f"train/{k}", v, record["step"])
+        if self.trackers is not None:
+            self.trackers.log(record, record["step"])
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", spr=f"{record['spr']:.3g}", lr=f"{record['lr']:.2e}",
                             gnorm=f"{record['grad_norm']:.3g}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -537,8 +535,8 @@ class Trainer:
                         self.step, reason or "train.stop_at_step", latest.name if latest else "-", self.out / "status.json")
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.trackers is not None:
+            self.trackers.close()
         for f in (self.metrics_file, self.trace):
             if f is not None:
                 f.close()
