@@ -21,6 +21,11 @@ setup(
         "matplotlib>=3.7",
         "pillow>=10.0",
     ],
+    entry_points={"console_scripts": [
+        "thanora-train=thanora_ds.cli.train:main",
+        "thanora-merge=thanora_ds.cli.merge:main",
+        "thanora-eval=thanora_ds.cli.eval:main",
+    ]},
     extras_require={
         "dev": ["pytest>=8", "peft>=0.13", "psutil>=5.9", "ruff>=0.6",
                 "wandb>=0.19", "mlflow-skinny>=2.16", "sqlalchemy>=2.0", "alembic>=1.13"],

@@ -32,3 +32,5 @@ if [ "$CLUSTER_TOOLS" = 1 ]; then
   bash scripts/ci_system_deps.sh "$VENV/bin/python"
 fi
 "$VENV/bin/python" -c "import torch, deepspeed, transformers, thanora_ds; print('thanora_ds ready: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
+# what scripts/ensure_env.sh compares with, to set up again when setup.py or this file changed
+cat setup.py setup.sh | sha256sum | cut -d' ' -f1 > "$VENV/.thanora_setup"

@@ -9,7 +9,6 @@ that fails the test. Merge cases also check that no file of the protected folder
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import re
@@ -27,14 +26,7 @@ import yaml
 from run_fixtures import REPO, launch, launch_env, make_run
 
 
-def _load_launcher(name: str):
-    spec = importlib.util.spec_from_file_location(f"launcher_{name}", REPO / "launchers" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN, MERGE, EVAL = _load_launcher("train"), _load_launcher("merge"), _load_launcher("eval")
+from thanora_ds.cli import eval as EVAL, merge as MERGE, train as TRAIN  # what launchers/*.py and thanora-* run
 
 
 class ModelLoaded(AssertionError):

@@ -47,12 +47,14 @@ def test_random_uniform_no_spr_equals_peft_lora():
             lora = peft_model.get_submodule("base_model.model." + name)
             lora.lora_A["default"].weight.copy_(ad.lora_A)
             lora.lora_B["default"].weight.copy_(ad.lora_B)
-    model.train(); peft_model.train()
+    model.train()
+    peft_model.train()
     batch = batches[1][0]
     out = model(**forward_batch(batch), labels=batch["labels"])
     ref = peft_model(**forward_batch(batch), labels=batch["labels"])
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=0)
-    out.loss.backward(); ref.loss.backward()
+    out.loss.backward()
+    ref.loss.backward()
     for name, ad in adapters.items():
         lora = peft_model.get_submodule("base_model.model." + name)
         torch.testing.assert_close(ad.lora_A.grad, lora.lora_A["default"].weight.grad, atol=1e-6, rtol=0)
@@ -107,7 +109,8 @@ def train_steps(model, adapters, batches, steps=3, lam=1e-3):
         if spr is not None:
             loss = loss + lam * spr
         loss.backward()
-        opt.step(); opt.zero_grad()
+        opt.step()
+        opt.zero_grad()
     model.eval()
 
 

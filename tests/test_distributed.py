@@ -102,7 +102,9 @@ def reference_run(tmp: Path, steps: int, world: int = 2) -> tuple[list[float], d
                 (loss / (gas * world)).backward()
                 step_loss += loss.item() / (gas * world)
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, tr["max_grad_norm"])))
-        opt.step(); sched.step(); opt.zero_grad()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
         out_losses.append(step_loss)
     weights = {}
     for name, a in adapters.items():

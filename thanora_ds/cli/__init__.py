@@ -1,0 +1,1 @@
+"""Console commands: ``thanora-train``, ``thanora-merge``, ``thanora-eval`` (also ``launchers/*.py``)."""
