@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 
+from thanora_ds.cli import quiet_library_warnings
+
 
 
 def main(argv=None) -> int:
@@ -26,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10 thanora.rank=8")
     args = parser.parse_args(argv)
+    quiet_library_warnings()
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("SLURM_PROCID") or "0"
