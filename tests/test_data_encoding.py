@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from thanora_ds.data import DataConfig, SourceConfig, build_multitask_data, collate_batch
+from thanora_ds.data import IGNORE_INDEX as IGNORE, DataConfig, SourceConfig, build_multitask_data, collate_batch
 from tiny_assets import IMAGE_TOKENS_PER_IMAGE, make_llama_tokenizer, make_llava_processor
 
 PAD, IM_START, IM_END, IMAGE, NL = 1000, 1001, 1002, 1003, 13  # fixed by how tiny_assets adds them
@@ -181,3 +181,39 @@ def test_streaming_reads_the_same_examples(tmp_path, tok):
     for split in ("train", "preview", "eval"):
         for t in a.tasks:
             assert list(getattr(a, split)[t]) == list(getattr(b, split)[t])
+
+
+def test_llava_hf_template_answers_end_with_a_learned_eos(tmp_path):
+    """llava-hf's template puts no end-of-sequence token after an answer; LLaVA's recipe ends every answer with
+    EOS. The encoder appends it, labelled, so the loss counts it and the model learns to stop."""
+    from thanora_ds.trainer import token_losses
+    from tiny_assets import LLAVA_HF_CHAT_TEMPLATE
+    processor = make_llava_processor(tmp_path / "hf", chat_template=LLAVA_HF_CHAT_TEMPLATE)
+    Image.new("RGB", (28, 28), (0, 0, 255)).save(tmp_path / "sq.png")
+    rows = [{"id": "q", "image": "sq.png", "task": "look", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A blue square."},
+        {"from": "human", "value": "Blue?"}, {"from": "gpt", "value": "yes"}]}]
+    data = build(tmp_path, rows, processor=processor)
+    ex = data.train["look"][0]
+    eos = processor.tokenizer.eos_token_id
+    spans, current = [], []
+    for t, l in zip(ex["input_ids"], ex["labels"]):
+        if l != IGNORE:
+            current.append(l)
+        elif current:
+            spans.append(current)
+            current = []
+    spans += [current] if current else []
+    assert len(spans) == 2 and all(span[-1] == eos for span in spans)  # each answer ends with a labelled EOS
+    texts = [processor.tokenizer.decode(span[:-1]).strip() for span in spans]
+    assert texts == ["A blue square.", "yes"]
+    # the loss counts the EOS positions: a target equal to EOS is among the valid label tokens
+    batch = collate_batch([ex], data.pad_token_id)
+    logits = torch.zeros(1, batch["input_ids"].shape[1], len(processor.tokenizer))
+    losses = token_losses(logits, batch["labels"])
+    targets = batch["labels"][0, 1:]
+    assert int((targets == eos).sum()) == 2 and bool((losses[0][targets == eos] > 0).all())
+    # ChatML answers already end with <|im_end|>: nothing is appended there
+    chatml = build(tmp_path, [{"id": "c", "task": "t", "prompt": "hi", "response": "yo"}], tokenizer=processor.tokenizer)
+    labels = [l for l in chatml.train["t"][0]["labels"] if l != IGNORE]
+    assert labels.count(IM_END) == 1 and eos not in labels[:-1]

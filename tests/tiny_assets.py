@@ -101,7 +101,17 @@ def make_llama_tokenizer(dir: str | os.PathLike):
     return AutoTokenizer.from_pretrained(dir)
 
 
-def make_llava_processor(dir: str | os.PathLike):
+# The shape of llava-hf/llava-1.5-*-hf's template: "USER: <image>\n... ASSISTANT: answer " with no end-of-sequence
+# token after the answer (the trainer must append one).
+LLAVA_HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def make_llava_processor(dir: str | os.PathLike, chat_template: str | None = None):
     """A LlavaProcessor (tiny tokenizer + `<image>` special token + 28x28 CLIP image processor),
     saved to DIR and loaded back with `AutoProcessor.from_pretrained`."""
     from transformers import AutoProcessor, CLIPImageProcessor, LlavaProcessor
@@ -118,7 +128,7 @@ def make_llava_processor(dir: str | os.PathLike):
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS feature, which "default" drops again
-        chat_template=MM_CHAT_TEMPLATE,
+        chat_template=chat_template or MM_CHAT_TEMPLATE,
     )
     processor.save_pretrained(dir)
     return AutoProcessor.from_pretrained(dir)

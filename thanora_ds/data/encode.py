@@ -89,6 +89,7 @@ class Encoder:
             labels[start:end] = ids[start:end]
         if rec.images:
             ids, labels = self._expand_images(full_text, ids, labels, rec)
+        ids, labels = self._end_answers(ids, labels)
         first_label = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
         if first_label >= self.max_length:
             raise RecordProblem(
@@ -104,6 +105,28 @@ class Encoder:
                 )
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         return Encoded(ids, labels, truncated)
+
+    def _end_answers(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """An answer the template ends with no special token (llava-hf's `USER: ... ASSISTANT: answer `) gets the
+        tokenizer's EOS appended, labelled, so that the model learns to stop, as LLaVA's own recipe does; an answer
+        ending with the template's end-of-turn token (ChatML's <|im_end|>) is left as it is."""
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return ids, labels
+        special = set(self.tokenizer.all_special_ids)
+        out_ids, out_labels, has_special = [], [], False
+        for i, (t, l) in enumerate(zip(ids, labels)):
+            out_ids.append(t)
+            out_labels.append(l)
+            if l == IGNORE_INDEX:
+                continue
+            has_special |= t in special
+            if i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX:  # the last token of an answer
+                if not has_special:
+                    out_ids.append(eos)
+                    out_labels.append(eos)
+                has_special = False
+        return out_ids, out_labels
 
     def _prefix_len(self, prefix_msgs, gen_prompt, full_text, full_ids, rec: Record, k: int) -> int:
         text = self._render(prefix_msgs, add_generation_prompt=gen_prompt) if prefix_msgs or gen_prompt else ""
