@@ -326,8 +326,8 @@ CASES = [
                                                                                "task": "extra"}, pr(5)],
                            skip_invalid=True), rc=0, check=True),
     # --- quiet oddities: a warning, the run goes on -----------------------------------------------------------
-    Case("duplicate_ids", [r"duplicate record ids within a task.*: 1 \(e\.g\. task extra id='extra-1' at .*bad\.jsonl:2 "
-                           r"and .*bad\.jsonl:4"], setup=with_source(GOOD[:3] + [pr(1)] + GOOD[3:]), rc=0, check=True),
+    Case("duplicate_ids", [r"duplicate record ids within a task.*: 1; per task: extra=1 \(e\.g\. task extra "
+                           r"id='extra-1' at .*bad\.jsonl:2 and .*bad\.jsonl:4"], setup=with_source(GOOD[:3] + [pr(1)] + GOOD[3:]), rc=0, check=True),
     Case("one_record_task", [r"task single has 1 record\(s\): too few for a separate preview split; HASI previews"],
          setup=with_source([pr(0, task="single")]), rc=0, check=True),
     # --- images (tiny LLaVA) -----------------------------------------------------------------------------------

@@ -32,12 +32,25 @@ class SourceConfig:
     # which splits the file feeds: all (train, preview and a carved-out eval split), train (train and preview
     # only), eval (the task's eval split is then exactly the records of its eval sources: a benchmark's test set)
     split: str = "all"
+    # records without a `task` field (LLaVA-665K): name the task by a rule instead of splitting the file by hand.
+    # "image_folder": the first folder of the record's `image` path (coco/train2017/1.jpg -> coco), `text_task`
+    # for records without an image; "field:NAME": the value of the record's field NAME. `task_map` renames or
+    # merges what the rule gives ({ocr_vqa: ocr, textvqa: ocr}). A record's own `task` field still wins.
+    task_from: Optional[str] = None
+    text_task: str = "text"
+    task_map: dict[str, str] = field(default_factory=dict)
 
     def check_values(self, prefix: str = "data.sources[?]") -> None:
         if self.format not in FORMATS:
             raise ConfigError(f"{prefix}.format: {self.format!r} is not one of {FORMATS} ({self.path})")
         if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):
             raise ConfigError(f"{prefix}.task: must be a non-empty string, got {self.task!r} ({self.path})")
+        if self.task_from is not None and self.task is not None:
+            raise ConfigError(f"{prefix}.task_from: set together with {prefix}.task; use one of them ({self.path})")
+        if self.task_from is not None and not (self.task_from == "image_folder"
+                                               or (self.task_from.startswith("field:") and self.task_from[6:])):
+            raise ConfigError(f"{prefix}.task_from: {self.task_from!r} is neither 'image_folder' nor 'field:NAME' "
+                              f"({self.path})")
         if self.split not in SOURCE_SPLITS:
             raise ConfigError(f"{prefix}.split: {self.split!r} is not one of {SOURCE_SPLITS} ({self.path})")
 

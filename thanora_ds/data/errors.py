@@ -90,6 +90,7 @@ class ProblemLog:
     fatal: list[Problem] = field(default_factory=list)
     notices: dict[str, list[str]] = field(default_factory=dict)
     notice_counts: Counter = field(default_factory=Counter)
+    notice_tasks: dict[str, Counter] = field(default_factory=dict)
 
     def add(self, problem: Problem) -> None:
         self.total += 1
@@ -99,8 +100,9 @@ class ProblemLog:
         if len(self.problems) < self.max_errors:
             self.problems.append(problem)
 
-    def notice(self, kind: str, example: str) -> None:
+    def notice(self, kind: str, example: str, task: Optional[str] = None) -> None:
         self.notice_counts[kind] += 1
+        self.notice_tasks.setdefault(kind, Counter())[task or NO_TASK] += 1
         examples = self.notices.setdefault(kind, [])
         if len(examples) < 3:
             examples.append(example)
@@ -112,7 +114,9 @@ class ProblemLog:
         """Raise (default) or log the per-task skip counts (skip_invalid); never stay silent. A file-level problem
         whose records cannot be counted raises even with skip_invalid."""
         for kind, examples in self.notices.items():
-            logger.warning("%s: %d (e.g. %s)", kind, self.notice_counts[kind], "; ".join(examples))
+            per_task = ", ".join(f"{t}={n}" for t, n in sorted(self.notice_tasks[kind].items()))
+            logger.warning("%s: %d; per task: %s (e.g. %s)", kind, self.notice_counts[kind], per_task,
+                           "; ".join(examples))
         if not self.total:
             return {}
         if self.fatal:

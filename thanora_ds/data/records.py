@@ -77,15 +77,16 @@ def load_records(cfg: DataConfig, *, _defer: bool = False) -> LoadedRecords:
             try:
                 rec = _to_record(raw, src, index, cfg, image_ok, log)
             except RecordProblem as p:
-                task = src.task or (raw.get("task") if isinstance(raw.get("task"), str) else None)
-                log.add(_problem(src.path, index, raw.get("id"), p.field, p.message, task, lines))
+                log.add(_problem(src.path, index, raw.get("id"), p.field, p.message, _task_or_none(raw, src, cfg),
+                                 lines))
                 continue
             by_task.setdefault(rec.task, []).append(rec)
             key = (rec.task, rec.id)
             if raw.get("id") is not None and key in seen_ids:
                 path, i = seen_ids[key]
                 log.notice("duplicate record ids within a task (both records are kept)",
-                           f"task {rec.task} id={rec.id!r} at {_where(path, i, lines)} and {_where(src.path, index, lines)}")
+                           f"task {rec.task} id={rec.id!r} at {_where(path, i, lines)} and {_where(src.path, index, lines)}",
+                           rec.task)
             elif raw.get("id") is not None:
                 seen_ids[key] = (src.path, index)
     by_task = {t: by_task.get(t, []) for t in sorted(set(by_task) | set(cfg.tasks))}
@@ -268,6 +269,13 @@ def _to_record(raw: dict, src: SourceConfig, index: int, cfg: DataConfig, image_
     fmt = src.format if src.format != "auto" else _detect_format(raw)
     if fmt == "llava":
         messages, fields = _llava_messages(raw)
+        dropped = _drop_leading_answers(messages, fields)
+        if not messages or all(m["role"] == "system" for m in messages):
+            raise RecordProblem("conversations", "no human turn: nothing trainable is left once the leading gpt "
+                                                 "turns are dropped")
+        if dropped:
+            log.notice("leading gpt turns dropped, as LLaVA's preprocessing does",
+                       f"{src.path} id={raw.get('id')!r}: {dropped} turn(s)", task)
     elif fmt == "chat":
         messages, fields = _chat_messages(raw)
     else:
@@ -283,15 +291,47 @@ def _to_record(raw: dict, src: SourceConfig, index: int, cfg: DataConfig, image_
 def _task_of(raw: dict, src: SourceConfig, cfg: DataConfig) -> str:
     if src.task is not None:
         task, where = src.task, "sources.task"
+    elif raw.get("task") is None and src.task_from is not None:
+        task, where = _task_by_rule(raw, src), "sources.task_from"
     else:
         task, where = raw.get("task"), "task"
         if task is None:
-            raise RecordProblem("task", "missing task (give it in the record or in the source's `task`)")
+            raise RecordProblem("task", "missing task (give it in the record, or in the source's `task` or "
+                                        "`task_from` rule)")
         if not isinstance(task, str) or not task.strip():
             raise RecordProblem("task", f"task must be a non-empty string, got {task!r}")
     if cfg.tasks and task not in cfg.tasks:
         raise RecordProblem(where, f"unknown task {task!r}; data.tasks lists: {', '.join(sorted(cfg.tasks))}")
     return task
+
+
+def _task_or_none(raw: dict, src: SourceConfig, cfg: DataConfig) -> Optional[str]:
+    """The task of an invalid record for the per-task skip counts, if it can be told at all."""
+    try:
+        return _task_of(raw, src, cfg)
+    except RecordProblem:
+        return raw.get("task") if isinstance(raw.get("task"), str) else None
+
+
+def _task_by_rule(raw: dict, src: SourceConfig) -> str:
+    """The task a source's `task_from` rule gives a record (see SourceConfig)."""
+    if src.task_from == "image_folder":
+        image = raw.get("image")
+        first = image[0] if isinstance(image, list) and image else image
+        if not first:
+            name = src.text_task
+        elif not isinstance(first, str):
+            raise RecordProblem("image", f"must be a path or a list of paths, got {image!r}")
+        else:
+            parts = first.replace("\\", "/").lstrip("/").split("/")
+            name = parts[0] if len(parts) > 1 else "images"  # an image at the top of the image folder
+    else:
+        key = src.task_from[len("field:"):]
+        name = raw.get(key)
+        if not isinstance(name, (str, int)) or isinstance(name, bool) or str(name) == "":
+            raise RecordProblem(key, f"task_from field {key!r} is missing or not a name ({name!r})")
+        name = str(name)
+    return src.task_map.get(name, name)
 
 
 def _detect_format(raw: dict) -> str:
@@ -329,6 +369,21 @@ def _turns(raw: dict, list_key: str, role_key: str, text_key: str, roles: dict[s
 
 def _llava_messages(raw: dict):
     return _turns(raw, "conversations", "from", "value", LLAVA_ROLES, "turn")
+
+
+def _drop_leading_answers(messages: list[dict], fields: dict) -> int:
+    """Drop the assistant turns before the first user turn (after an optional system turn), in place, keeping each
+    remaining message's field name (conversations[i]) for error messages. Returns how many were dropped."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    n = 0
+    while start + n < len(messages) and messages[start + n]["role"] == "assistant":
+        n += 1
+    if n:
+        names = [fields[str(i)] for i in range(len(messages))]
+        del messages[start:start + n], names[start:start + n]
+        fields.clear()
+        fields.update({str(i): name for i, name in enumerate(names)})
+    return n
 
 
 def _chat_messages(raw: dict):
@@ -380,7 +435,7 @@ def _images_of(raw: dict, src: SourceConfig, cfg: DataConfig, image_ok: dict, lo
         path = name if os.path.isabs(name) else os.path.normpath(os.path.join(folder, name))
         if not os.path.isabs(name) and os.path.commonpath([folder, path]) != folder:
             log.notice("image paths that lead out of the image folder (.. in a relative path)",
-                       f"{src.path} id={raw.get('id')!r}: {name} -> {path}")
+                       f"{src.path} id={raw.get('id')!r}: {name} -> {path}", _task_or_none(raw, src, cfg))
         if path not in image_ok:
             image_ok[path] = image_problem(path)
         if image_ok[path]:
