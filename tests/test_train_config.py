@@ -65,3 +65,34 @@ def test_zero3_model_loading_is_released_after_a_run():
     assert is_deepspeed_zero3_enabled()
     modeling.release_zero3_model_loading()
     assert not is_deepspeed_zero3_enabled()
+
+
+def test_a_hub_id_resolves_from_the_hugging_face_cache_offline(tmp_path):
+    """model.path: org/name is looked up in the HF cache (HF_HOME), with HF_HUB_OFFLINE=1, never downloaded."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from run_fixtures import REPO, launch_env
+    config = make_run(tmp_path / "run")
+    cfg = yaml.safe_load(config.read_text())
+    snapshot = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / ("a" * 40)
+    shutil.copytree(cfg["model"]["path"], snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    cfg["model"]["path"] = "tiny-org/tiny-llama"
+    config.write_text(yaml.safe_dump(cfg))
+    env = dict(launch_env(), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    check = [sys.executable, str(REPO / "launchers" / "train.py"), "--config", str(config), "--check"]
+    proc = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "check passed" in proc.stderr
+    cfg["model"]["path"] = "tiny-org/not-cached"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "model.path: 'tiny-org/not-cached' is not a local folder" in proc.stderr and "HF_HUB_OFFLINE=1" in proc.stderr
+    assert "hf download tiny-org/not-cached" in proc.stderr

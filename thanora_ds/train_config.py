@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,28 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_hub_id(repo_id: str, key: str) -> str:
+    """The local snapshot folder of a hub model ID from the Hugging Face cache (HF_HOME / HF_HUB_CACHE), never
+    downloading: N ranks fetching gigabytes at start-up is a mistake on a cluster, and air-gapped nodes
+    (HF_HUB_OFFLINE=1) have no hub at all."""
+    import os
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except LocalEntryNotFoundError:
+        offline = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+        raise ConfigError(f"{key}: {repo_id!r} is not a local folder, and as a Hugging Face hub ID it is not in the "
+                          f"cache {HF_HUB_CACHE}{offline}: download it once, on a machine with network, with "
+                          f"`hf download {repo_id}` (the same HF_HOME on every node), or give a local folder") from None
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Read the file, apply overrides, build and validate the typed config (no model or data loaded)."""
     raw = read_config_file(path) if path else {}
@@ -264,9 +287,14 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     for key in ("path", "processor_path"):
         value = getattr(model, key)
         if value and not Path(value).is_absolute():
-            # relative to the working directory if it exists there (CLI habit), else to the config file
-            here = Path.cwd() / value
-            setattr(model, key, str((here if here.exists() else base_dir / value).resolve()))
+            # relative to the working directory if it exists there (CLI habit), else to the config file; a hub ID
+            # (org/name) that is neither is looked up in the Hugging Face cache
+            here, there = Path.cwd() / value, base_dir / value
+            local = here if here.exists() else there
+            if not local.exists() and HUB_ID.fullmatch(value):
+                setattr(model, key, resolve_hub_id(value, f"model.{key}"))
+            else:
+                setattr(model, key, str(local.resolve()))
     if not Path(cfg.train.output_dir).is_absolute():
         cfg.train.output_dir = str(Path.cwd() / cfg.train.output_dir)
     cfg.validate()
