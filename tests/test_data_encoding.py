@@ -217,3 +217,33 @@ def test_llava_hf_template_answers_end_with_a_learned_eos(tmp_path):
     chatml = build(tmp_path, [{"id": "c", "task": "t", "prompt": "hi", "response": "yo"}], tokenizer=processor.tokenizer)
     labels = [l for l in chatml.train["t"][0]["labels"] if l != IGNORE]
     assert labels.count(IM_END) == 1 and eos not in labels[:-1]
+
+
+def llava_expand2square(pil_img, background_color):
+    """LLaVA-1.5's own expand2square (llava/mm_utils.py), written out independently for the comparison."""
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    if width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    result = Image.new(pil_img.mode, (height, height), background_color)
+    result.paste(pil_img, ((height - width) // 2, 0))
+    return result
+
+
+@pytest.mark.parametrize("size", [(56, 20), (18, 50), (30, 30)])
+def test_pad_to_square_equals_llava_expand2square_then_the_processor(tmp_path, proc, size):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "w.png")
+    rows = [{"id": "w", "image": "w.png", "task": "look",
+             "conversations": [{"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "noise"}]}]
+    padded = build(tmp_path, rows, processor=proc, image_aspect_ratio="pad").train["look"][0]["pixel_values"]
+    cropped = build(tmp_path, rows, processor=proc).train["look"][0]["pixel_values"]
+    background = tuple(int(x * 255) for x in proc.image_processor.image_mean)
+    expected = proc.image_processor(images=[llava_expand2square(Image.open(tmp_path / "w.png").convert("RGB"), background)],
+                                    return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(padded, expected, atol=1e-6, rtol=0)
+    assert torch.equal(padded, cropped) == (size[0] == size[1])  # only a non-square image changes

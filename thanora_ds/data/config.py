@@ -18,6 +18,7 @@ from ..typed_config import ConfigError, from_dict
 
 FORMATS = ("auto", "llava", "chat", "prompt_response")
 MIXINGS = ("natural", "temperature", "weights")
+ASPECT_RATIOS = ("processor", "pad")
 SOURCE_SPLITS = ("all", "train", "eval")
 
 
@@ -88,6 +89,9 @@ class DataConfig:
     # if non-empty, the closed list of tasks: a record with another task is an "unknown task" error
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     image_folder: Optional[str] = None  # LLaVA `image` paths are relative to it (else to the data file)
+    # processor: the image processor's own resize/crop; pad: LLaVA-1.5's `image_aspect_ratio pad`, the image padded
+    # to a square with the processor's mean colour first (nothing of a wide image is cropped away)
+    image_aspect_ratio: str = "processor"
     max_length: int = 512  # longer examples are truncated; one with no label left is an error
     # N_t for the HASI preview, capped by the task's size. METHOD.md says 128; 32 is the default here because it
     # already fixes the rank split (METHOD.md section 6) and the quality benchmark found no gain from more
@@ -116,6 +120,8 @@ class DataConfig:
 
         if self.mixing not in MIXINGS:
             raise bad("mixing", f"{self.mixing!r} is not one of {MIXINGS}")
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise bad("image_aspect_ratio", f"{self.image_aspect_ratio!r} is not one of {ASPECT_RATIOS}")
         if not self.temperature > 0:
             raise bad("temperature", f"must be > 0, got {self.temperature}")
         if self.max_length < 2:

@@ -37,12 +37,13 @@ class Encoded:
 class Encoder:
     """Encodes records for one tokenizer (text models) or processor (LLaVA-style models)."""
 
-    def __init__(self, tokenizer=None, processor=None, max_length: int = 512):
+    def __init__(self, tokenizer=None, processor=None, max_length: int = 512, pad_to_square: bool = False):
         if tokenizer is None and processor is None:
             raise ValueError("build_multitask_data needs a tokenizer or a processor")
         self.processor = processor
         self.tokenizer = tokenizer if tokenizer is not None else processor.tokenizer
         self.max_length = max_length
+        self.pad_to_square = pad_to_square
         self.image_token_id: Optional[int] = None
         if processor is not None:
             self.image_token_id = getattr(processor, "image_token_id", None)
@@ -147,7 +148,7 @@ class Encoder:
 
     def _expand_images(self, full_text: str, ids: list[int], labels: list[int], rec: Record):
         try:
-            images = [_load_rgb(p) for p in rec.images]
+            images = [load_image(p, self.processor, self.pad_to_square) for p in rec.images]
         except ImageDecodeError as err:
             raise RecordProblem("image", str(err)) from None
         out = self.processor(text=[full_text], images=images, add_special_tokens=False)
@@ -175,21 +176,39 @@ class ImageDecodeError(ValueError):
     pass
 
 
-def _load_rgb(path: str):
+def expand_to_square(image, background: tuple[int, ...]):
+    """LLaVA-1.5's ``expand2square``: the image centred on a square canvas of its longer side, in ``background``."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def load_image(path: str, processor=None, pad_to_square: bool = False):
+    """The RGB image of ``path`` (padded to a square with the image processor's mean colour when asked)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            image = im.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for broken files
         raise ImageDecodeError(f"image could not be decoded ({type(e).__name__}: {e}): {path}") from None
+    if pad_to_square:
+        mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        image = expand_to_square(image, tuple(int(m * 255) for m in mean))  # as LLaVA: truncated, not rounded
+    return image
 
 
-def pixel_values_for(processor, image_paths: list[str]):
+def pixel_values_for(processor, image_paths: list[str], pad_to_square: bool = False):
     """Pixel values for the images of one example ([n_images, C, H, W] tensor). An image that was valid at
     validation but cannot be decoded now (changed on disk) is a DataValidationError naming the file."""
     try:
-        images = [_load_rgb(p) for p in image_paths]
+        images = [load_image(p, processor, pad_to_square) for p in image_paths]
     except ImageDecodeError as err:
         raise DataValidationError([Problem(file=str(err).rsplit(": ", 1)[-1], field="image", message=str(err))]) from None
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]

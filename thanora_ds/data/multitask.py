@@ -37,8 +37,8 @@ class ExampleList(Sequence):
     `pixel_values` [n_images, C, H, W] when the record has images). Token ids are held in memory;
     pixel values are computed on access from the image files, so a large image set costs no RAM."""
 
-    def __init__(self, items: list[_Item], processor=None):
-        self._items, self._processor = items, processor
+    def __init__(self, items: list[_Item], processor=None, pad_to_square: bool = False):
+        self._items, self._processor, self._pad = items, processor, pad_to_square
 
     def __len__(self) -> int:
         return len(self._items)
@@ -54,7 +54,7 @@ class ExampleList(Sequence):
             "id": it.id,
         }
         if it.images:
-            ex["pixel_values"] = pixel_values_for(self._processor, it.images)
+            ex["pixel_values"] = pixel_values_for(self._processor, it.images, self._pad)
         return ex
 
 
@@ -98,7 +98,8 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
     """
     loaded = load_records(cfg, _defer=True)
     log = loaded.problems
-    encoder = Encoder(tokenizer, processor, cfg.max_length)
+    pad = cfg.image_aspect_ratio == "pad"
+    encoder = Encoder(tokenizer, processor, cfg.max_length, pad)
     pad_id = encoder.tokenizer.pad_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before building data")
@@ -154,9 +155,9 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
             pv_items = tr_items[: cfg.preview_samples]
             logger.warning("task %s has %d record(s): too few for a separate preview split; HASI previews its %d "
                            "training record(s) instead (its ranks rest on very little data)", t, len(items), len(pv_items))
-        train[t] = ExampleList(tr_items, processor)
-        preview[t] = ExampleList(pv_items, processor)
-        eval_[t] = ExampleList(ev_items, processor)
+        train[t] = ExampleList(tr_items, processor, pad)
+        preview[t] = ExampleList(pv_items, processor, pad)
+        eval_[t] = ExampleList(ev_items, processor, pad)
     return MultiTaskData(tasks, train, preview, eval_, skipped, pad_id, cfg, {t: n for t, n in truncated.items() if n})
 
 
