@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,11 @@ def run_variant(name: str, args, out: Path) -> dict:
         rss_setup.append(max((r for t, r in samples if t < info["train_start"]), default=0) / 2**30)
     if not ranks:  # a worker that cannot mark phases: the whole run, per process
         rss_train = sorted(max(r for _, r in s) / 2**30 for s in sampler.samples.values())
+    cpu_files = sorted(out.glob("cpu-*.jsonl"))
+    if cpu_files:   # CPU seconds per step summed over ranks: less sensitive than wall time to other load
+        per_rank = [[json.loads(x) for x in f.read_text().splitlines()] for f in cpu_files]
+        for i, s in enumerate(steps):
+            s["cpu_seconds"] = sum(r[i] for r in per_rank if i < len(r))
     step_s = steady_median([s["seconds"] for s in steps], args.warmup)
     tokens = steady_median([s["tokens"] / s["seconds"] for s in steps], args.warmup)
     summary = {"step_s": step_s, "tokens_per_s": tokens, "rss_train_gb": rss_train, "rss_setup_gb": rss_setup,
@@ -131,6 +137,11 @@ def run_variant(name: str, args, out: Path) -> dict:
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def _append_cpu(out: Path, seconds: float) -> None:
+    with open(out / f"cpu-{_rank()}.jsonl", "a") as f:
+        f.write(json.dumps(seconds) + "\n")
 
 
 def _mark_train_start(out: Path) -> None:
@@ -150,6 +161,15 @@ def worker_thanora(variant: str, out: Path, config: str, steps: int, overrides: 
     trainer = Trainer(cfg)
     trainer.setup()
     _mark_train_start(out)
+    step = trainer.train_step
+
+    def timed_step():   # this rank's CPU seconds per step, next to the Trainer's own wall time
+        c0 = time.process_time()
+        record = step()
+        _append_cpu(out, time.process_time() - c0)
+        return record
+
+    trainer.train_step = timed_step
     trainer.fit()
     if D.is_main():
         records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -169,13 +189,14 @@ class _StepClock:
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                clock.t0 = time.time()
+                clock.t0, clock.c0 = time.time(), time.process_time()
 
             def on_step_end(self, args, state, control, **kw):
                 import torch
                 import torch.distributed as dist
 
                 seconds = time.time() - clock.t0
+                _append_cpu(clock.out, time.process_time() - clock.c0)
                 step = state.global_step - 1
                 tokens = torch.tensor([float(clock.tokens[step]) if step < len(clock.tokens) else 0.0])
                 if dist.is_initialized():
@@ -211,7 +232,8 @@ def worker_peft_hf(out: Path, config: str, steps: int, overrides: list[str]) -> 
     tokenizer, _ = load_processor(cfg.model)
     data = build_multitask_data(cfg.data, tokenizer=tokenizer)
     template = json.loads(cfg.deepspeed_path().read_text())
-    ds_config = D.fill_deepspeed_config(
+    from thanora_ds.ds_config import fill_deepspeed_config
+    ds_config = fill_deepspeed_config(
         template, micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.gradient_accumulation_steps,
         clip=cfg.train.max_grad_norm, bf16=cfg.model.dtype == "bf16", hidden_size=hidden_size(cfg.model.path),
         overrides=cfg.deepspeed.overrides)
@@ -333,10 +355,11 @@ def worker_llamafactory(out: Path, config: str, steps: int, overrides: list[str]
             _mark_train_start(out)
 
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.time()
+            self.t0, self.c0 = time.time(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             seconds = time.time() - self.t0
+            _append_cpu(out, time.process_time() - self.c0)
             tokens, Clock.seen = state.num_input_tokens_seen - Clock.seen, state.num_input_tokens_seen
             if _rank() == 0:
                 with open(out / "steps.jsonl", "a") as f:
@@ -421,6 +444,7 @@ def main() -> None:
         variants.remove("llamafactory")
         skipped["llamafactory"] = "no --llamafactory-python given"
     results: dict[str, dict] = {}
+    rounds: dict[str, list[list[dict]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for name in variants:
@@ -434,6 +458,8 @@ def main() -> None:
                 best = results.get(name)
                 if best is None or "error" in best or ("error" not in r and r["step_s"] < best["step_s"]):
                     results[name] = r
+                if "error" not in r:
+                    rounds.setdefault(name, []).append(r["steps"])
     print()
     print(table(results))
     for name, why in skipped.items():
@@ -448,8 +474,37 @@ def main() -> None:
         th, lo = results["thanora"], results["lora"]
         print(f"step time thanora / lora: {th['step_s'] / lo['step_s']:.3f}   peak RSS thanora - lora per rank: "
               f"{[round(a - b, 2) for a, b in zip(th['rss_train_gb'], lo['rss_train_gb'])]} GB")
+    paired = paired_ratios(rounds, args.warmup)
+    if paired:
+        print()
+        print("paired over the same batches (lora, thanora, peft_hf feed identical batches): per step the fastest "
+              f"round, then the median over steps {args.warmup + 1}..{args.steps} of the ratio to {BASELINE}")
+        for name, ratios in paired.items():
+            print(f"  {name:8s} wall {ratios['wall']:.3f}   CPU seconds {ratios['cpu']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "skipped": skipped}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "skipped": skipped,
+                                               "rounds": rounds, "paired": paired}, indent=1))
+
+
+def paired_ratios(rounds: dict[str, list[list[dict]]], warmup: int) -> dict[str, dict]:
+    """Step-by-step ratios to the baseline over identical batches (variants fed the same batches only)."""
+    if BASELINE not in rounds:
+        return {}
+
+    def best(name: str, key: str) -> list[float]:
+        n = min(len(r) for r in rounds[name])
+        return [min(r[i].get(key, r[i]["seconds"]) for r in rounds[name]) for i in range(n)]
+
+    out = {}
+    for name in rounds:
+        if name in (BASELINE, "llamafactory"):
+            continue
+        ratios = {}
+        for key, label in (("seconds", "wall"), ("cpu_seconds", "cpu")):
+            a, b = best(name, key), best(BASELINE, key)
+            ratios[label] = statistics.median(x / y for x, y in list(zip(a, b))[warmup:])
+        out[name] = ratios
+    return out
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_config_mistakes_name_the_key(config, override, key):
 
 
 def test_deepspeed_auto_values_filled():
-    from thanora_ds.distributed import fill_deepspeed_config
+    from thanora_ds.ds_config import fill_deepspeed_config
     import json
     from run_fixtures import REPO
     template = json.loads((REPO / "ds_configs" / "zero3.json").read_text())

@@ -228,7 +228,7 @@ class TrainConfig:
         """The DeepSpeed JSON with ``deepspeed.overrides`` applied, checked against DeepSpeed's schema."""
         import json
 
-        from .distributed import check_deepspeed_config, with_overrides
+        from .ds_config import check_deepspeed_config, with_overrides
 
         path = self.deepspeed_path()
         try:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from . import distributed as D
 from .checkpoint import CheckpointError, Checkpoints, atomic_write_text, check_compatible, fault_requested, verify
 from .data import build_multitask_data, collate_batch, preview_batches
+from .ds_config import fill_deepspeed_config, zero_stage
 from .data.encode import IGNORE_INDEX
 from .hasi import common_prefix_length
 from .initializer import Allocation, plot_allocation, run_hasi, subtract_corda_residual
@@ -153,13 +154,13 @@ class Trainer:
         self.resume_from = self._resume_checkpoint()
 
         try:
-            self.ds_config = D.fill_deepspeed_config(
+            self.ds_config = fill_deepspeed_config(
                 cfg.deepspeed_template(), micro_batch_size=cfg.train.micro_batch_size,
                 grad_accum=cfg.train.gradient_accumulation_steps, clip=cfg.train.max_grad_norm,
                 bf16=cfg.model.dtype == "bf16", hidden_size=hidden_size(cfg.model.path))
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        self.zero = D.zero_stage(self.ds_config)
+        self.zero = zero_stage(self.ds_config)
         self.sampler = self.data.make_sampler(self.rank, self.world)
         self.micro_sizes = None  # per micro step of an epoch (train.num_epochs); None: always micro_batch_size
         if cfg.train.num_epochs is not None:
