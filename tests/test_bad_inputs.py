@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -35,9 +36,17 @@ class ModelLoaded(AssertionError):
 
 @pytest.fixture(autouse=True)
 def no_model_load(monkeypatch):
+    """No model load, and no trace of the in-process runs for later tests: the launcher environment variables
+    they set (MASTER_PORT, RANK, ...) are restored and the process group they started is destroyed."""
     def refuse(*args, **kwargs):
         raise ModelLoaded("the model was loaded before the bad input was reported")
     monkeypatch.setattr("thanora_ds.modeling.load_model", refuse)
+    environ = dict(os.environ)
+    yield
+    from thanora_ds.distributed import shutdown
+    shutdown()
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 @pytest.fixture(scope="module")

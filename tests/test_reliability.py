@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,10 +106,20 @@ def test_second_run_refused_orphans_stop_and_a_stale_lock_is_taken_over(straight
     assert_same_run(out, straight[2])  # steps 1-3, 4 and 5-6 from three launches, each step once
 
 
-@pytest.mark.parametrize("damage", ["truncated", "zero_byte", "garbage", "missing"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, damage):
-    config = make_run(tmp_path, **EXACT)
+@pytest.fixture(scope="module")
+def stopped_at_4(tmp_path_factory):
+    """One plain process stopped after step 4 (checkpoints 3 and 4), copied by each damage case."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    config = make_run(tmp, **EXACT)
     launch(config, 0, "train.stop_at_step=4")
+    return config
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero_byte", "garbage", "missing"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(straight, stopped_at_4, tmp_path, damage):
+    config = tmp_path / "config.yaml"
+    config.write_text(stopped_at_4.read_text().replace(str(stopped_at_4.parent / "out"), str(tmp_path / "out")))
+    shutil.copytree(stopped_at_4.parent / "out", tmp_path / "out")
     step4 = tmp_path / "out" / "checkpoints" / "step-00000004"
     victim = next(step4.glob("*optim_states.pt")) if damage != "garbage" else step4 / "rank-00000.pt"
     size = victim.stat().st_size

@@ -22,6 +22,13 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def shutdown() -> None:
+    """Destroy the process group, if any: a process that exits with a live gloo/NCCL group can abort in the
+    group's destructor ("terminate called without an active exception") after all its work is done."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 

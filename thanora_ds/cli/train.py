@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     from thanora_ds.train_config import load_train_config
     from thanora_ds.trainer import NonFiniteError, train
 
+    from thanora_ds.distributed import shutdown
+
     try:
         cfg = load_train_config(args.config, args.overrides)
         train(cfg, check_only=args.check)
@@ -51,6 +53,8 @@ def main(argv=None) -> int:
     except NonFiniteError as err:
         logging.getLogger("thanora_ds").error("%s", err)
         return 3
+    finally:
+        shutdown()  # the exit code is the one above, not an abort in a live process group's destructor
     return 0
 
 
