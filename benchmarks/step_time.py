@@ -54,7 +54,7 @@ def steady_median(values: list[float], warmup: int = WARMUP_STEPS) -> float:
 
 def run(config: str, nproc: int, steps: int, out: Path, extra: list[str]) -> dict:
     args = [str(REPO / "launchers" / "train.py"), "--config", config, f"train.output_dir={out}",
-            f"train.max_steps={steps}", "train.save_every=0", "train.resume=never", "train.tensorboard=false",
+            f"train.max_steps={steps}", "train.save_every=0", "train.resume=never", "train.report_to=[]",
             *extra]
     t0 = time.time()
     subprocess.run(launch_command(args, nproc), check=True, cwd=REPO, stdout=subprocess.DEVNULL,
@@ -86,15 +86,147 @@ def isolated_spr_seconds(out: Path, repeats: int = 20) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# HASI at scale: one decomposition K = W (C + delta I) per (d_out, d_in) shape and route, time and memory.
+#   python benchmarks/step_time.py --hasi-shapes 576x576,4096x4096 --hasi-routes svd64,gram32 [--device cuda]
+# Each (shape, route) runs in a fresh process (peak memory = its own: ru_maxrss on CPU, max_memory_allocated on
+# CUDA, minus what the inputs hold); the inputs are the same for every route (seeded), so entropies compare.
+
+LLAMA_SHAPES = {  # (d_out, d_in) of q/k/v/o, gate/up, down
+    "smollm2-135m": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
+    "llama-2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],     # also LLaVA-1.5-7B's language model
+    "llama-2-13b": [(5120, 5120), (13824, 5120), (5120, 13824)],
+}
+
+
+def hasi_inputs(d_out: int, d_in: int, device: str, seed: int = 0):
+    """A weight and a task statistic with realistic structure: W with a decaying spectrum, C from 2 d_in
+    anisotropic tokens (fp32, as HASI holds them)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
+    w = w * torch.linspace(1.0, 0.05, d_in)          # column scales: a spread of singular values
+    x = torch.randn(2 * d_in, d_in, generator=g) * torch.exp(-3.0 * torch.arange(d_in) / d_in)
+    cov = x.T @ x / x.shape[0]
+    return w.to(device), cov.to(device)
+
+
+def hasi_one(d_out: int, d_in: int, route: str, device: str, keep: int, repeats: int) -> dict:
+    import resource
+
+    from thanora_ds.hasi import normalized_spectral_entropy, task_spectrum
+
+    w, cov = hasi_inputs(d_out, d_in, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    task_spectrum(w[:64, :64], cov[:64, :64], keep=8, decomposition=route)   # library warm-up (cuSOLVER handles)
+    sync()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        spec = task_spectrum(w, cov, "weighted", keep=keep, decomposition=route)
+        sync()
+        times.append(time.perf_counter() - t0)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"d_out": d_out, "d_in": d_in, "route": route, "device": device, "seconds": min(times),
+            "peak_mb": max(peak, 0) / 2**20, "entropy": normalized_spectral_entropy(spec.sigma),
+            "sigma_head": spec.sigma[:keep].tolist(), "vh": spec.vh.cpu().tolist() if keep <= 8 else None}
+
+
+def hasi_table(shapes: list[tuple[int, int]], routes: list[str], device: str, keep: int, repeats: int,
+               threads: int) -> list[dict]:
+    rows = []
+    for d_out, d_in in shapes:
+        for route in routes:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--hasi-one", f"{d_out}x{d_in}", "--hasi-routes", route,
+                   "--device", device, "--keep", str(keep), "--repeats", str(repeats), "--threads", str(threads)]
+            out = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            rows.append(row)
+            ref = next((r for r in rows if (r["d_out"], r["d_in"]) == (d_out, d_in) and r["route"] == routes[0]), row)
+            print(f"{d_out:>6}x{d_in:<6} {route:7s} {row['seconds']:8.2f}s  peak {row['peak_mb']:8.0f} MB  "
+                  f"H {row['entropy']:.6f} (dH vs {routes[0]} {row['entropy'] - ref['entropy']:+.1e})  "
+                  f"speed-up {ref['seconds'] / row['seconds']:.2f}x", flush=True)
+    return rows
+
+
+def hasi_allocation_by_route(config: str, routes: list[str], overrides: list[str]) -> dict:
+    """HASI (statistics, entropies, allocation) on the real model of ``config`` in one plain process, once per
+    decomposition route: entropy differences and whether the integer ranks agree with the first route."""
+    import os
+
+    from thanora_ds.data import build_multitask_data, preview_batches
+    from thanora_ds.hasi import common_prefix_length
+    from thanora_ds.initializer import run_hasi
+    from thanora_ds.inject import inject_thanora
+    from thanora_ds.modeling import load_model, load_processor
+    from thanora_ds.train_config import load_train_config
+
+    cfg = load_train_config(config, overrides)
+    tokenizer, processor = load_processor(cfg.model)
+    data = build_multitask_data(cfg.data, tokenizer=tokenizer, processor=processor)
+    model = load_model(cfg.model, None)
+    adapters = inject_thanora(model, cfg.thanora, len(data.tasks))
+    prefix = common_prefix_length([ex["input_ids"] for t in data.tasks for ex in data.preview[t]])
+    out = {}
+    for route in routes:
+        os.environ["THANORA_HASI_DECOMPOSITION"] = route
+        t0 = time.perf_counter()
+        alloc = run_hasi(model, adapters, cfg.thanora, data.tasks,
+                         lambda t: preview_batches(data, data.tasks[t], cfg.train.preview_batch_size), prefix)
+        out[route] = {"seconds": time.perf_counter() - t0, "entropy": alloc.entropy, "ranks": alloc.ranks}
+        ref = out[routes[0]]
+        dh = max(abs(a - b) for ra, rb in zip(alloc.entropy, ref["entropy"]) for a, b in zip(ra, rb))
+        same = sum(a == b for a, b in zip(alloc.ranks, ref["ranks"]))
+        print(f"{route:7s} HASI {out[route]['seconds']:6.1f}s  max |dH| vs {routes[0]} {dh:.2e}  "
+              f"layers with identical ranks {same}/{len(alloc.ranks)}", flush=True)
+        out[route].update(max_abs_dh=dh, layers_same_ranks=same, layers=len(alloc.ranks))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "demo_smollm2.yaml"))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--hasi-shapes", default="", help="d_outxd_in,... or a model name of LLAMA_SHAPES: "
+                        "measure HASI's decomposition per shape instead of step time")
+    parser.add_argument("--hasi-routes", default="svd64,gram32", help="hasi.DECOMPOSITIONS, the first is the reference")
+    parser.add_argument("--hasi-one", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--hasi-allocation", action="store_true",
+                        help="run HASI on --config's real model once per --hasi-routes route and compare entropies/ranks")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--keep", type=int, default=24, help="right vectors kept (2 (r - r_c); r=16, 3 tasks: 24)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default="", help="write the HASI rows to this JSON file")
     parser.add_argument("overrides", nargs="*", help="config overrides for every variant, e.g. data.preview_samples=16")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    if args.hasi_one:
+        d_out, d_in = (int(x) for x in args.hasi_one.split("x"))
+        print(json.dumps(hasi_one(d_out, d_in, args.hasi_routes, args.device, args.keep, args.repeats)))
+        return
+    if args.hasi_allocation:
+        rows = hasi_allocation_by_route(args.config, args.hasi_routes.split(","), args.overrides)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows))
+        return
+    if args.hasi_shapes:
+        shapes = []
+        for item in args.hasi_shapes.split(","):
+            shapes += LLAMA_SHAPES[item] if item in LLAMA_SHAPES else [tuple(int(x) for x in item.split("x"))]
+        rows = hasi_table(shapes, args.hasi_routes.split(","), args.device, args.keep, args.repeats, args.threads)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
