@@ -410,6 +410,8 @@ def test_bad_train_input(case: Case, runs, tmp_path, caplog):
     assert rc == case.rc, f"exit {rc}, expected {case.rc}; log:\n{text[-3000:]}"
     for pattern in case.expect:
         assert re.search(pattern, text, re.S), f"{pattern!r} not in the log:\n{text[-3000:]}"
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    print(f"CASE {case.id}: exit {rc}: {said[0] if said else ''}")  # the table as a user sees it (pytest -s)
 
 
 def test_table_is_large_enough():
@@ -485,6 +487,7 @@ def test_bad_merge_input(case, runs, tmp_path, caplog):
     before = {k: tree_digest(folders[k]) for k in protected}
     rc = MERGE.main([*argv, "--quiet"])
     text = _messages(caplog)
+    print(f"CASE merge {name}: exit {rc}: {next((r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR), '')}")
     assert rc == 2, f"exit {rc}; log:\n{text[-3000:]}"
     for pattern in expect:
         assert re.search(pattern, text, re.S), f"{pattern!r} not in the log:\n{text[-3000:]}"
