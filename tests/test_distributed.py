@@ -238,8 +238,7 @@ def test_checkpoint_from_another_run_is_refused_before_model_load(tmp_path):
     assert proc.returncode == 2
     assert "comes from another run" in proc.stderr and "thanora" in proc.stderr
     assert "Loading weights" not in proc.stderr  # refused before the model was loaded
-    proc = launch(config, 2, "train.max_steps=4", check=False)
-    assert proc.returncode != 0 and "written by 1 ranks and this run has 2" in proc.stderr
+    # (another world size is not another run: tests/test_resume_reshape.py resumes it through the universal form)
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):

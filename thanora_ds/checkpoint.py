@@ -169,6 +169,10 @@ class Checkpoints:
             older = [p for p in self.complete() if p.name < final.name]
             for old in older[: max(0, len(older) - (self.keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
+            kept = {p.name for p in self.complete()}
+            for converted in (self.root / "universal").glob("step-*"):  # universal copies of pruned checkpoints
+                if converted.name not in kept:
+                    shutil.rmtree(converted, ignore_errors=True)
         D.barrier()
         return final
 
@@ -203,14 +207,17 @@ class Checkpoints:
         return meta
 
     @staticmethod
-    def load(engine, path: Path) -> dict:
-        """Load the engine state; returns this rank's rank state (RNG, sampler)."""
+    def load(engine, path: Path, universal_root: Path | None = None) -> dict:
+        """Load the engine state; returns this rank's rank state (RNG, sampler). With ``universal_root`` (another
+        data-parallel layout) the engine state comes from DeepSpeed's universal form, and the rank state is rank 0's
+        (its sampler position is rescaled by the caller; the per-rank RNG streams cannot carry over)."""
         path = Path(path)
-        rank_file = path / f"rank-{D.rank():05d}.pt"
+        rank_file = path / f"rank-{0 if universal_root else D.rank():05d}.pt"
         if not rank_file.is_file():
             raise CheckpointError(f"{rank_file} is missing: the checkpoint is incomplete")
         try:
-            loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+            loaded, _ = engine.load_checkpoint(str(universal_root or path.parent), tag=path.name,
+                                               load_module_strict=False)
             state = torch.load(rank_file, weights_only=False)
         except Exception as err:  # noqa: BLE001 - unpickling errors of a damaged file come in many types
             raise CheckpointError(f"{path}: could not be loaded ({type(err).__name__}: {err})") from None
@@ -219,19 +226,42 @@ class Checkpoints:
         return state
 
 
-def check_compatible(meta: dict, fingerprint: dict, world_size: int, path: Path) -> None:
-    """Refuse, before any model is loaded, a checkpoint made by a different run or world size."""
+def check_compatible(meta: dict, fingerprint: dict, layout: dict, path: Path) -> bool:
+    """Refuse, before any model is loaded, a checkpoint made by a different run. Returns whether it was written with
+    another data-parallel layout (world size, micro-batch, accumulation: ``layout``), which resumes through DeepSpeed's
+    universal checkpoint."""
     theirs = meta.get("fingerprint", {})
     diffs = [f"{k}: checkpoint has {theirs.get(k)!r}, this run has {v!r}" for k, v in fingerprint.items()
              if theirs.get(k) != v]
     if diffs:
         raise CheckpointError(f"{path} comes from another run; refusing to resume:\n  " + "\n  ".join(diffs)
                               + "\n(start afresh in another train.output_dir)")
-    if meta.get("world_size") != world_size:
-        raise CheckpointError(
-            f"{path} was written by {meta.get('world_size')} ranks and this run has {world_size}: DeepSpeed ZeRO "
-            "optimizer partitions resume only at the same world size (convert it with DeepSpeed's universal "
-            "checkpointing, or relaunch with the same number of ranks)")
+    return any(meta.get("layout", {}).get(k) != v for k, v in layout.items())
+
+
+def to_universal(path: Path) -> Path:
+    """Collective: DeepSpeed's universal form of the checkpoint ``path`` (made once, by rank 0, kept beside it in
+    ``checkpoints/universal/step-N``), which any world size and micro-batch can load. Returns the folder holding it."""
+    root = path.parent / "universal"
+    target = root / path.name
+    if D.is_main() and not (target / MANIFEST).is_file():
+        import argparse
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        partial = root / f".tmp-{path.name}"
+        shutil.rmtree(partial, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        ds_to_universal(argparse.Namespace(input_folder=str(path), output_folder=str(partial), num_extract_workers=1,
+                                           num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                           inject_missing_state=True))
+        atomic_write_text(partial / MANIFEST, json.dumps({"files": {}, "from": str(path)}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(partial, target)
+        log.info("converted %s to DeepSpeed's universal checkpoint %s", path.name, target)
+    D.barrier()
+    return root
 
 
 def fault_requested(where: str, step: int) -> bool:

@@ -118,14 +118,18 @@ def _gram_spectrum(k: torch.Tensor, keep: int | None) -> tuple[torch.Tensor, tor
     if n <= m:   # K^T K = V S^2 V^T (n x n): the right vectors directly
         evals, evecs = torch.linalg.eigh(k.T @ k)
         sigma = evals.flip(0).clamp_min(0.0).sqrt()
-        return sigma, evecs.flip(1)[:, :keep].T
-    evals, evecs = torch.linalg.eigh(k @ k.T)   # K K^T = U S^2 U^T (m x m), then v_i = K^T u_i / sigma_i
-    sigma = evals.flip(0).clamp_min(0.0).sqrt()
-    u = evecs.flip(1)[:, :keep]
-    vh = u.T @ k
-    # renormalize rather than divide by sigma: identical in exact arithmetic, and safe for sigma_i ~ 0
-    vh = vh / vh.norm(dim=1, keepdim=True).clamp_min(torch.finfo(k.dtype).tiny)
-    return sigma, vh
+        vh = evecs.flip(1)[:, :keep].T
+    else:
+        evals, evecs = torch.linalg.eigh(k @ k.T)   # K K^T = U S^2 U^T (m x m), then v_i = K^T u_i / sigma_i
+        sigma = evals.flip(0).clamp_min(0.0).sqrt()
+        vh = evecs.flip(1)[:, :keep].T @ k
+        # renormalize rather than divide by sigma: identical in exact arithmetic, and safe for sigma_i ~ 0
+        vh = vh / vh.norm(dim=1, keepdim=True).clamp_min(torch.finfo(k.dtype).tiny)
+    # eigh's sign per vector is arbitrary and flips under rounding-level changes of the statistic (1 vs 2 ranks
+    # sum it in another order): fix it by a fixed pseudo-random direction, so HASI stays world-size invariant
+    probe = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(vh.device, vh.dtype)
+    sign = torch.where(vh @ probe < 0, -1.0, 1.0).to(vh.dtype)
+    return sigma, vh * sign[:, None]
 
 
 def normalized_spectral_entropy(sigma: torch.Tensor) -> float:

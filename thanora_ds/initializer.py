@@ -228,16 +228,27 @@ def run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraC
                 D.all_reduce_sum_(collector.counts[group[0]])
             if start == 0:
                 token_counts = [int(c) for c in collector.counts[chunk[0][0]]]
+            # Two phases so that the ranks decompose in parallel: first every layer's weight is gathered (a
+            # collective) and kept by its owner only; then each rank decomposes its own layers with no collective
+            # in between (a gather per layer between decompositions would make every rank wait for each owner,
+            # serializing the work over the ranks).
+            bar.set_postfix_str("decompositions")
+            owned = []
             for group in chunk:
                 leader = group[0]
                 counts = collector.counts[leader]
                 covs = [collector.sums[leader][t] / max(float(counts[t]), 1.0) for t in range(num_tasks)]
-                bar.set_postfix_str("decompositions")
                 for name in group:
                     index = names.index(name)
-                    _decompose_layer(adapters[name], index, covs, cfg, task_total, entropy, spectra_by_layer)
-                    bar.update(1)
-            del collector
+                    weight = _owned_weight(adapters[name], index, covs[0].device)
+                    if weight is None:
+                        bar.update(1)
+                    else:
+                        owned.append((name, index, weight, covs))
+            for name, index, weight, covs in owned:
+                _decompose_layer(adapters[name], index, weight, covs, cfg, task_total, entropy, spectra_by_layer)
+                bar.update(1)
+            del collector, owned
         bar.close()
         warn_thin_tasks(token_counts, tasks, cfg.rank)
         D.all_reduce_sum_(entropy)   # each (layer, task) entry was filled by its owner only
@@ -255,23 +266,26 @@ def run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraC
     return allocation
 
 
-def _decompose_layer(adapter: ThanoraLinear, index: int, covs: list[torch.Tensor], cfg: ThanoraConfig,
-                     task_total: int, entropy: torch.Tensor, keep: dict) -> None:
+def _owned_weight(adapter: ThanoraLinear, index: int, device) -> torch.Tensor | None:
+    """A copy of layer ``index``'s full base weight on its owner rank (None on the others). Collective."""
+    with D.gathered([adapter.base.weight]):   # every rank enters, only the owner keeps a copy
+        if D.rank() != D.owner_of(index):
+            return None
+        return adapter.base.weight.detach().to(device, copy=True)
+
+
+def _decompose_layer(adapter: ThanoraLinear, index: int, weight: torch.Tensor, covs: list[torch.Tensor],
+                     cfg: ThanoraConfig, task_total: int, entropy: torch.Tensor, keep: dict) -> None:
     """Owner rank of layer ``index``: entropies of every task, and the vectors the blocks will need."""
-    owner = D.owner_of(index)
-    with D.gathered([adapter.base.weight]):   # collective: every rank enters, only the owner computes
-        if D.rank() != owner:
-            return
-        weight = adapter.base.weight.detach().to(covs[0].device)
-        saved = []
-        for t, cov in enumerate(covs):
-            spec = task_spectrum(weight, cov, cfg.spectrum, keep=min(2 * task_total, cov.shape[0]))
-            entropy[index, t] = normalized_spectral_entropy(spec.sigma)
-            if cfg.mode == "orthogonal":
-                saved.append(spec)
-            elif cfg.mode == "corda":
-                saved.append(corda_blocks(weight, cov, task_total, adapter.scale))
-        keep[index] = saved
+    saved = []
+    for t, cov in enumerate(covs):
+        spec = task_spectrum(weight, cov, cfg.spectrum, keep=min(2 * task_total, cov.shape[0]))
+        entropy[index, t] = normalized_spectral_entropy(spec.sigma)
+        if cfg.mode == "orthogonal":
+            saved.append(spec)
+        elif cfg.mode == "corda":
+            saved.append(corda_blocks(weight, cov, task_total, adapter.scale))
+    keep[index] = saved
 
 
 def _write_blocks(adapter: ThanoraLinear, index: int, ranks: list[int], cfg: ThanoraConfig, saved) -> None:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as D
-from .checkpoint import CheckpointError, Checkpoints, atomic_write_text, check_compatible, fault_requested, verify
+from .checkpoint import (CheckpointError, Checkpoints, atomic_write_text, check_compatible, fault_requested,
+                         to_universal, verify)
 from .data import build_multitask_data, collate_batch, preview_batches
 from .ds_config import fill_deepspeed_config, zero_stage
 from .data.encode import IGNORE_INDEX
@@ -94,9 +95,13 @@ def run_fingerprint(cfg: TrainConfig, tasks: list[str]) -> dict:
         "thanora": {k: getattr(th, k) for k in ("rank", "alpha", "rslora", "targets", "shared_rank", "mode",
                                                   "train_projector")},
         "dtype": cfg.model.dtype,
-        "micro_batch_size": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
     }
+
+
+def data_layout(cfg: TrainConfig, world: int) -> dict:
+    """How the global batch is split; a checkpoint of another layout resumes through DeepSpeed's universal form."""
+    return {"world_size": world, "micro_batch_size": cfg.train.micro_batch_size,
+            "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps}
 
 
 class _StopRequest:
@@ -130,6 +135,8 @@ class Trainer:
         # test hook: THANORA_TRACE_SAMPLES=1 writes the ids of every micro-batch to OUTPUT/trace/rank-R.jsonl
         self.trace = None
         self.eval_items = None
+        self.reshaped = False       # the resume checkpoint has another data-parallel layout
+        self.universal_root = None
 
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -161,6 +168,8 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.zero = zero_stage(self.ds_config)
+        if self.reshaped:
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.sampler = self.data.make_sampler(self.rank, self.world)
         self.micro_sizes = None  # per micro step of an epoch (train.num_epochs); None: always micro_batch_size
         if cfg.train.num_epochs is not None:
@@ -259,7 +268,12 @@ class Trainer:
                 log.warning("checkpoint %s is damaged, trying the previous one: %s", path.name, problem)
                 rejected.append((path, problem))
                 continue
-            check_compatible(meta, self.fingerprint, self.world, path)
+            self.reshaped = check_compatible(meta, self.fingerprint, data_layout(self.cfg, self.world), path)
+            if self.reshaped and not self.check_only:
+                log.warning("%s was written with %s, this run has %s: resuming through DeepSpeed's universal "
+                            "checkpoint (the data position carries over by sample count)", path.name,
+                            meta.get("layout"), data_layout(self.cfg, self.world))
+                self.universal_root = to_universal(path)
             D.barrier()  # every rank has verified before a damaged one is moved
             for bad, why in rejected if not self.check_only else []:
                 self.checkpoints.set_aside(bad, why)
@@ -315,14 +329,18 @@ class Trainer:
             init = load_file(str(path / "corda_init.safetensors"))
             for name, adapter in self.adapters.items():
                 subtract_corda_residual(adapter, init[f"{name}.corda_A0"], init[f"{name}.corda_B0"])
-        state = Checkpoints.load(self.engine, path)
+        state = Checkpoints.load(self.engine, path, self.universal_root)
         bad = D.non_finite_params(self.named_trainable)
         if bad:
             raise CheckpointError(f"{path} holds non-finite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''});"
                                   " not resumed (train.resume=PATH picks an earlier checkpoint)")
         self.step = int(self.resume_meta["step"])
-        self.sampler.load_state_dict(state["sampler"])
-        D.set_rng_state(state["rng"])
+        if self.universal_root is None:
+            self.sampler.load_state_dict(state["sampler"])
+            D.set_rng_state(state["rng"])
+        else:  # another layout: the same global sample count; fresh per-rank RNG streams (dropout), seeded per step
+            self.sampler.seek(state["sampler"])
+            D.seed_everything(self.cfg.train.seed + 1000003 * self.step + self.rank)
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path:
@@ -330,7 +348,8 @@ class Trainer:
         corda = self._corda_init_bytes()
         if corda is not None:
             extra["corda_init.safetensors"] = corda
-        meta = {"step": self.step, "world_size": self.world, "fingerprint": self.fingerprint,
+        meta = {"step": self.step, "world_size": self.world, "layout": data_layout(self.cfg, self.world),
+                "fingerprint": self.fingerprint,
                 "config": self.cfg.to_dict()}
         meta = json.loads(json.dumps(meta, default=str))
         path = self.checkpoints.save(self.engine, self.step, meta,

@@ -163,6 +163,17 @@ class MixtureSampler:
             "counts": list(self.counts),
         }
 
+    def seek(self, state: dict) -> None:
+        """Continue from a state saved at another world size: the same epoch, at the same number of global draws
+        (floored to a whole draw per rank). Refuses a state of another mixture or seed."""
+        for key in ("seed", "task_sizes"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"sampler state does not match this sampler: {key} is {state.get(key)!r} in the "
+                                 f"checkpoint but {getattr(self, key)!r} now")
+        global_draws = int(state["position"]) * int(state["world_size"])
+        self.epoch, self.position = int(state["epoch"]), min(global_draws // self.world_size, len(self))
+        self._roll_over()
+
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`; refuses a state saved for another mixture, seed or world size
         (continuing it would silently change which data is seen)."""
