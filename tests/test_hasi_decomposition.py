@@ -1,9 +1,10 @@
 """The cheaper HASI decomposition routes (hasi.DECOMPOSITIONS) against the fp64 SVD reference, on plain tensors.
 
 Tolerances: gram64 (eigh of the smaller Gram matrix in fp64) equals svd64 to fp64 noise (|dH| <= 1e-8); the fp32
-routes (gram32, svd32) give |dH| <= 5e-4 on these deliberately ill-conditioned inputs (condition numbers up to
-~1e6; on SmolLM2's real statistics gram32 was within 2e-6, docs/performance.md), singular values within 1e-3 of
-sigma_1, the same leading right vectors (|cos| >= 1 - 1e-4) and, in the allocation test, the same integer ranks."""
+routes (gram32, svd32) give |dH| <= 5e-4 on these synthetic inputs (condition numbers up to ~1e6), singular values
+within 1e-3 of sigma_1, the same leading right vectors (|cos| >= 1 - 1e-4) and, in the allocation test, the same
+integer ranks. (On SmolLM2's real statistics gram32 was NOT within tolerance: |dH| up to 1.3e-2, 6 of 210 layers
+with other ranks; docs/performance.md. It stays an explicit option, gram64 is the default.)"""
 import pytest
 import torch
 

@@ -29,7 +29,8 @@ DECOMP_DTYPE = torch.float64  # SVDs of d x d statistics: fp64 keeps step-0 equa
 #           right vectors directly (K^T K) or as normalized K^T u (K K^T); equal to svd64 to fp64 noise (entropies
 #           within 1e-8), 1.5-1.9x faster on CPU (measured on the SmolLM2 and LLaMA-2-7B shapes)
 #   svd64   the reference: torch.linalg.svd of K in fp64 (the route before issue 14)
-#   gram32  the same in fp32: 2.5-4.5x faster, entropies within ~1e-5 on real statistics (tolerance 5e-4 tested)
+#   gram32  the same in fp32: 2.3-4.5x faster per shape, but on SmolLM2's real statistics entropies moved by up to
+#           1.3e-2 and 6 of 210 layers got other ranks (fp32 Gram of ill-conditioned statistics): opt-in only
 #   svd32   fp32 SVD (measured, not recommended)
 # tests/test_hasi_decomposition.py compares every route with svd64. THANORA_HASI_DECOMPOSITION overrides the
 # default for a run (every rank must see the same value).
