@@ -166,3 +166,7 @@ def test_common_prefix_length():
     assert common_prefix_length([[1, 5, 7, 9], [1, 5, 8], [1, 5, 7]]) == 2
     assert common_prefix_length([[3, 4], [5, 6]]) == 1   # at least the attention sink
     assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # keep one content token
+    # a text rule: it ends at the first image token, however identical the placeholders of image-first previews
+    img = 99
+    assert common_prefix_length([[1, 5, img, img, 7, 8], [1, 5, img, img, 7, 9]]) == 5
+    assert common_prefix_length([[1, 5, img, img, 7, 8], [1, 5, img, img, 7, 9]], image_token=img) == 2

@@ -46,15 +46,17 @@ def decomposition_route(name: str | None = None) -> str:
     return route
 
 
-def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+def common_prefix_length(sequences: Sequence[Sequence[int]], image_token: int | None = None) -> int:
     """Length of the longest token prefix shared by ALL sequences, at least 1 (position 0, the attention
-    sink, is always excluded). Computed over every preview before sharding, so it is world-size free."""
+    sink, is always excluded). Computed over every preview before sharding, so it is world-size free.
+    A text rule (METHOD.md 2.2): it ends at the first ``image_token``, whose positions are always content,
+    however identical the placeholder ids of image-first previews are."""
     if not sequences:
         return 1
     shortest = min(len(s) for s in sequences)
     first = sequences[0]
     n = 0
-    while n < shortest and all(s[n] == first[n] for s in sequences):
+    while n < shortest and first[n] != image_token and all(s[n] == first[n] for s in sequences):
         n += 1
     # A prefix covering a whole sequence would leave it with no content tokens: keep the last one.
     return max(1, min(n, shortest - 1))

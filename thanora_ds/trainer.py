@@ -290,7 +290,8 @@ class Trainer:
         cfg = self.cfg
         t0 = time.time()
         previews = [list(self.data.preview[t]) for t in self.tasks]
-        prefix = common_prefix_length([ex["input_ids"] for exs in previews for ex in exs])
+        image_token = getattr(self.processor, "image_token_id", None) if self.processor is not None else None
+        prefix = common_prefix_length([ex["input_ids"] for exs in previews for ex in exs], image_token)
 
         def batches(t: int):
             return preview_batches(self.data, self.tasks[t], cfg.train.preview_batch_size, self.rank, self.world)
