@@ -12,7 +12,8 @@
 #   3 tests     pytest -m cuda tests/test_gpu_cuda.py (flash-attn vs sdpa, HASI routes on the GPU, bf16 ZeRO-3)
 #   4 train     bf16 ZeRO-3 ThanoRA on SmolLM2 (demo config, 1 GPU, 20 steps): losses, tokens/s, HASI time
 #   5 flash     flash-attention 2 against sdpa on SmolLM2 in bf16: logits and loss on real demo batches
-#   6 hasi      HASI's decomposition on the GPU per shape (SmolLM2, LLaMA-2-7B): svd64 vs gram32 time, entropies
+#   6 hasi      HASI's decomposition on the GPU per shape (SmolLM2, LLaMA-2-7B): svd64 / gram64 / gram32 time,
+#               memory, entropies (fp32 vs fp64)
 #   7 peers     benchmarks/peers.py on the GPU (plain LoRA, ThanoRA, PEFT + HF Trainer; LLaMA-Factory when
 #               LLAMAFACTORY_PYTHON names a Python that has it)
 # A failing step is recorded (status, log tail) and the next one runs. PYTHON selects the interpreter
@@ -24,7 +25,7 @@ OUT=gpu_check_out
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
     *) OUT=$arg ;;
   esac
@@ -161,8 +162,8 @@ hasi_gpu() {
     "$PY" benchmarks/step_time.py --hasi-shapes 48x32 --hasi-routes svd64,gram32 --device cpu --keep 4 --json "$OUT/hasi.json"
     return
   fi
-  "$PY" benchmarks/step_time.py --hasi-shapes smollm2-135m,llama-2-7b --hasi-routes svd64,gram32 --device cuda \
-    --keep 24 --repeats 2 --json "$OUT/hasi.json"
+  "$PY" benchmarks/step_time.py --hasi-shapes smollm2-135m,llama-2-7b --hasi-routes svd64,gram64,gram32 \
+    --device cuda --keep 24 --repeats 2 --json "$OUT/hasi.json"
 }
 
 # ---- 7 peers on the GPU ---------------------------------------------------------------------------------------
@@ -179,13 +180,14 @@ peers() {
 
 export DRY OUT PY MODEL CONFIG FLASH_ATTN_VERSION
 export -f install model cuda_tests train_bf16 flash hasi_gpu peers
-step install 300 install
-step model 120 model
-step tests 120 cuda_tests
-step train 150 train_bf16
-step flash 90 flash
+# limits sum to 14 minutes (the expected total is about 8)
+step install 120 install
+step model 60 model
+step tests 90 cuda_tests
+step train 120 train_bf16
+step flash 60 flash
 step hasi 150 hasi_gpu
-step peers 420 peers
+step peers 240 peers
 
 # ---- report: one JSON, one Markdown ---------------------------------------------------------------------------
 "$PY" - "$OUT" "$DRY" "$(( $(date +%s) - START ))" <<'PY'
