@@ -383,6 +383,23 @@ def init_distributed(settings) -> None:
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
+def reset_zero3_trace(engine) -> bool:
+    """Forget the parameter-fetch trace ZeRO-3 recorded during HASI's preview forwards.
+
+    The coordinator records the module order of the first forward(+backward) after each reset and then
+    prefetches by it. HASI's no-grad, eval-mode previews (outside the engine) leave a COMPLETE trace of a
+    forward-only pass; the first training step invalidates it half-way, the second re-records, and only the third
+    runs with a training trace, so the slow first prefetching step (seconds on CPU, measured in
+    docs/performance.md) falls one step later than in a plain LoRA run. Invalidated here, the first training step
+    records, exactly as without HASI. Returns whether a trace was reset. Collective-free, same on every rank."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    coordinator = offload.get_param_coordinator() if offload is not None else None
+    if coordinator is None or not hasattr(coordinator, "_invalidate_trace") or coordinator.is_invalid_trace():
+        return False
+    coordinator._invalidate_trace()
+    return True
+
+
 def global_grad_norm(params: Iterable[torch.nn.Parameter], stage: int) -> float:
     """L2 norm of the averaged gradient at the accumulation boundary, BEFORE the optimizer step (so a
     non-finite gradient can stop the run first). ZeRO-3: each rank's disjoint fp32 grad partition, squared

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed as D
+from .distributed import reset_zero3_trace
 from .adapter import ThanoraLinear
 from .config import ThanoraConfig
 from .hasi import (
@@ -325,23 +326,6 @@ def subtract_corda_residual(adapter: ThanoraLinear, a0: torch.Tensor, b0: torch.
     with D.gathered([weight], modifier_rank=0), torch.no_grad():
         delta = adapter.scale * (b0.to(torch.float64) @ a0.to(torch.float64))
         weight.copy_((weight.to(torch.float64) - delta.to(weight.device)).to(weight.dtype))
-
-
-def reset_zero3_trace(engine) -> bool:
-    """Forget the parameter-fetch trace ZeRO-3 recorded during HASI's preview forwards.
-
-    The coordinator records the module order of the first forward(+backward) after each reset and then
-    prefetches by it. HASI's no-grad, eval-mode previews (outside the engine) leave a COMPLETE trace of a
-    forward-only pass; the first training step invalidates it half-way, the second re-records, and only the third
-    runs with a training trace, so the slow first prefetching step (seconds on CPU, measured in
-    docs/performance.md) falls one step later than in a plain LoRA run. Invalidated here, the first training step
-    records, exactly as without HASI. Returns whether a trace was reset. Collective-free, same on every rank."""
-    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-    coordinator = offload.get_param_coordinator() if offload is not None else None
-    if coordinator is None or not hasattr(coordinator, "_invalidate_trace") or coordinator.is_invalid_trace():
-        return False
-    coordinator._invalidate_trace()
-    return True
 
 
 def trim_host_memory() -> bool:

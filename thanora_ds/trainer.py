@@ -451,8 +451,6 @@ class Trainer:
         logged like the training metrics (``eval/loss/<task>``, OUTPUT/eval.jsonl and the trackers) and written to
         OUTPUT/eval/step-N.json."""
         from .evaluate import eval_items, evaluate_sharded
-        from .initializer import reset_zero3_trace
-
         cfg = self.cfg.train
         if self.eval_items is None:  # built once: the eval examples and their reference answers
             self.eval_items = {t: items for t, items in eval_items(self.data, self.tokenizer).items() if items}
@@ -461,7 +459,7 @@ class Trainer:
         results = evaluate_sharded(self.model, self.eval_items, self.data, self.tokenizer, cfg.micro_batch_size,
                                    cfg.eval_max_new_tokens, cfg.eval_generate)
         self.model.train()
-        reset_zero3_trace(self.engine)  # the eval forwards are not the training order ZeRO-3 should prefetch by
+        D.reset_zero3_trace(self.engine)  # the eval forwards are not the training order ZeRO-3 should prefetch by
         record = {"step": self.step, "eval_seconds": time.time() - t0}
         for task, r in results.items():
             if r["loss"] is not None:
