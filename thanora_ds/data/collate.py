@@ -36,6 +36,8 @@ def collate_batch(examples: Sequence[dict], pad_token_id: int) -> dict[str, torc
         "attention_mask": attention_mask,
         "labels": labels,
         "task_ids": torch.tensor([int(e["task_id"]) for e in examples], dtype=torch.long),
+        # where each example's content starts after its own system turn (HASI's statistics skip the turn)
+        "content_start": torch.tensor([int(e.get("content_start", 0)) for e in examples], dtype=torch.long),
     }
     pixels = [torch.as_tensor(e["pixel_values"]) for e in examples if e.get("pixel_values") is not None]
     if pixels:

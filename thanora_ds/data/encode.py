@@ -32,6 +32,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    content_start: int = 0  # tokens of the record's own leading system turn (not content for HASI, METHOD.md 2.2)
 
 
 class Encoder:
@@ -105,7 +106,22 @@ class Encoder:
                     f"{len(ids)} tokens > max_length {self.max_length} and truncation would cut image tokens",
                 )
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return Encoded(ids, labels, truncated)
+        return Encoded(ids, labels, truncated, min(self._system_length(msgs, full_text, ids), len(ids)))
+
+    def _system_length(self, msgs: list[dict], full_text: str, ids: list[int]) -> int:
+        """Tokens of the leading system turn as the template renders it alone. 0 without a system turn, and
+        for templates that fold the system prompt into the first user turn (Llama-2, Mistral): there it has
+        no separate block, rendering it alone fails or is no prefix, and its tokens stay content."""
+        if not msgs or msgs[0]["role"] != "system" or len(msgs) < 2:
+            return 0
+        try:
+            text = self._render(msgs[:1], add_generation_prompt=False)
+        except Exception:  # noqa: BLE001 - a template may refuse a system-only conversation
+            return 0
+        if not text or not full_text.startswith(text):
+            return 0
+        sys_ids = self._tokenize(text)
+        return len(sys_ids) if ids[: len(sys_ids)] == sys_ids else 0
 
     def _end_answers(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """An answer the template ends with no special token (llava-hf's `USER: ... ASSISTANT: answer `) gets the

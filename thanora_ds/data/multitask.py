@@ -30,6 +30,7 @@ class _Item:
     id: str
     images: list[str]
     source: str = ""
+    content_start: int = 0
 
 
 class ExampleList(Sequence):
@@ -52,6 +53,7 @@ class ExampleList(Sequence):
             "labels": list(it.labels),
             "task_id": it.task_id,
             "id": it.id,
+            "content_start": it.content_start,
         }
         if it.images:
             ex["pixel_values"] = pixel_values_for(self._processor, it.images, self._pad)
@@ -117,7 +119,7 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
                 log.add(problem_for(rec, p.field, p.message, lines))
                 continue
             truncated[task] = truncated.get(task, 0) + enc.truncated
-            items.append(_Item(enc.input_ids, enc.labels, task_id, rec.id, rec.images, rec.source))
+            items.append(_Item(enc.input_ids, enc.labels, task_id, rec.id, rec.images, rec.source, enc.content_start))
     skipped = log.finish(cfg.skip_invalid)
 
     empty = [t for t in names if not encoded[t]]
