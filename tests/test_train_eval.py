@@ -14,7 +14,15 @@ def test_eval_during_training_equals_the_eval_launcher_on_the_same_checkpoint(tm
     launch(config, 2)
     out = tmp_path / "out"
     logged = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged] == [2, 4]
+    assert [r["step"] for r in logged] == [0, 2, 4]
+    # mechanism metrics (thanora_ds.mechanism): HASI's task blocks start orthogonal, with B = 0 no update yet
+    start, logged = logged[0], logged[1:]
+    assert start["mech/row_overlap"] < 1e-6 and start["mech/effective_rank"] == 0.0
+    assert not any(k.startswith("eval/") for k in start)
+    assert logged[-1]["mech/effective_rank"] > 1 and 0 <= logged[-1]["mech/update_overlap"] <= 1
+    assert sum(logged[-1][f"mech/task_share/{t}"] for t in ("color", "count", "story")) == pytest.approx(1.0)
+    mechanism = json.loads((out / "final" / "mechanism.json").read_text())
+    assert len(mechanism["layers"]) == 14 and mechanism["tasks"] == ["color", "count", "story"]
     assert json.loads((out / "eval" / "step-00000004.json").read_text())["step"] == 4
     run_script("eval.py", "--checkpoint", str(out), "--tag", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "e"))
     report = json.loads((tmp_path / "e" / "eval.json").read_text())

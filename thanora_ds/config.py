@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .hasi import ALLOCATIONS, SPECTRA
+from .hasi import ALLOCATIONS, GAMMA_RULES, SPECTRA
 from .spr import SPR_TERMS
 from .typed_config import ConfigError, apply_overrides, from_dict, read_config_file  # noqa: F401 (re-exported)
 
@@ -29,8 +29,11 @@ class ThanoraConfig:
     allocation: str = "scaled_softmax"  # scaled_softmax | softmax | proportional | uniform
     tau: float = 3.0
     min_rank: int = 1
-    gamma: float = 1.0
+    gamma: float = 1.0                  # scale of HASI's A blocks (times the rule's per-task gain)
+    gamma_rule: str = "constant"        # constant: unit rows * gamma; match_lora: plain LoRA's initial scale
     spectrum: str = "weighted"          # weighted: W (C + delta I); covariance: C alone
+    exclude_system_turn: bool = True    # HASI statistics skip each record's own system turn (METHOD.md 2.2)
+    statistics_cache: str = ""          # folder caching HASI's preview statistics across runs ("" = none)
     spr_lambda: float = 1e-3
     spr_normalize: bool = True
     spr_terms: str = "both"             # both | A | B
@@ -50,7 +53,7 @@ class ThanoraConfig:
         if self.rank < 1:
             raise bad("rank", f"must be >= 1, got {self.rank}")
         for key, options in (("mode", MODES), ("allocation", ALLOCATIONS), ("spectrum", SPECTRA),
-                             ("spr_terms", SPR_TERMS)):
+                             ("spr_terms", SPR_TERMS), ("gamma_rule", GAMMA_RULES)):
             if getattr(self, key) not in options:
                 raise bad(key, f"unknown value {getattr(self, key)!r}; choose one of {list(options)}")
         for key in ("spr_lambda", "tau", "alpha"):

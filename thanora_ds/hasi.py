@@ -23,6 +23,7 @@ import torch
 
 ALLOCATIONS = ("scaled_softmax", "softmax", "proportional", "uniform")
 SPECTRA = ("weighted", "covariance")
+GAMMA_RULES = ("constant", "match_lora")
 DECOMP_DTYPE = torch.float64  # SVDs of d x d statistics: fp64 keeps step-0 equalities at 1e-6
 # How the weighted spectrum of K = W (C + delta I) is computed (docs/performance.md, "HASI at scale"):
 #   gram64  default: eigh of the smaller Gram matrix (K^T K or K K^T) in fp64: sigma = sqrt(eigenvalues), the kept
@@ -75,6 +76,35 @@ class Spectrum:
     sigma: torch.Tensor
     vh: torch.Tensor
     u: torch.Tensor | None = None
+
+
+def projected_covariances(spectra: Sequence[Spectrum], covs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[float]]:
+    """For ``lora_matched_gains``: each task's C_t seen in the span of every task's kept right vectors,
+    ``P_t = V C_t V^T`` with V = [vh_1; ...; vh_T] (m x m, m = the kept vectors of all tasks), and tr C_t. HASI's
+    rows are combinations of V's rows, so with their coefficients G_t (A_t = G_t V) the block's input energy
+    is exactly tr(A_t C_t A_t^T) = tr(G_t P_t G_t^T), with no d_in x d_in matrix kept until the ranks are known."""
+    v = torch.cat([spec.vh.to(DECOMP_DTYPE) for spec in spectra])
+    return ([v @ cov.to(DECOMP_DTYPE) @ v.T for cov in covs], [float(cov.diagonal().sum()) for cov in covs])
+
+
+def lora_matched_gains(coefficients: Sequence[torch.Tensor], projected: Sequence[torch.Tensor],
+                       traces: Sequence[float], d_in: int) -> list[float]:
+    """Per-task gamma_t that gives HASI's unit-row block plain LoRA's initial input scale (``gamma_rule:
+    match_lora``).
+
+    Plain LoRA's A is Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)), variance
+    1/(3 d_in), so E_A ||A_t x||^2 = r_t ||x||^2 / (3 d_in) and, over task t's inputs, r_t tr(C_t) / (3 d_in).
+    HASI's r_t unit rows along the top directions capture tr(A_t C_t A_t^T) instead, usually several times
+    more. gamma_t^2 = r_t tr(C_t) / (3 d_in tr(A_t C_t A_t^T)) equalizes the two, so that with B = 0 the first
+    Adam steps on B move the output as much as with LoRA's A (the effective step size). ``coefficients[t]``
+    (r_t x m) expresses task t's unit rows in the kept vectors (``orthogonal_task_rows(..., coefficients=...)``),
+    ``projected``/``traces`` come from ``projected_covariances``."""
+    gains = []
+    for g, p, trace in zip(coefficients, projected, traces):
+        r = g.shape[0]
+        captured = float(torch.trace(g @ p @ g.T)) if r else 0.0
+        gains.append(math.sqrt(r * trace / (3.0 * d_in * captured)) if r and captured > 0 else 1.0)
+    return gains
 
 
 def task_spectrum(weight: torch.Tensor, cov: torch.Tensor, spectrum: str = "weighted", keep: int | None = None,
@@ -205,22 +235,28 @@ def allocate_ranks(
     return [largest_remainder_ranks(shares[l], task_rank_total, min_rank) for l in range(shares.shape[0])]
 
 
-def orthogonal_task_rows(spectra: Sequence[Spectrum], ranks: Sequence[int], gamma: float = 1.0, tol: float = 1e-6) -> torch.Tensor:
+def orthogonal_task_rows(spectra: Sequence[Spectrum], ranks: Sequence[int], gamma: float = 1.0, tol: float = 1e-6,
+                         coefficients: list | None = None) -> torch.Tensor:
     """Stacked A rows [A_1; ...; A_T] with A_i A_j^T = 0 for i != j, each task from its own top vectors.
 
     Candidates (task t, index i < r_t) are visited in decreasing sigma_i / sigma_1 of their own task (ties:
     lower task, then lower i) and Gram-Schmidt'ed against the rows already accepted; a candidate whose residual
     norm falls under ``tol`` is replaced by its task's next unused singular vector. Rows are unit norm, then
-    scaled by gamma; the result keeps each task's rows in task order.
+    scaled by gamma; the result keeps each task's rows in task order. A list passed as ``coefficients`` receives, per task, the
+    unit rows' coefficients in the stacked kept vectors [vh_1; ...; vh_T] (what ``lora_matched_gains`` needs).
     """
+    offsets = [0]
+    for spec in spectra:
+        offsets.append(offsets[-1] + spec.vh.shape[0])
     order = []
     for t, (spec, r_t) in enumerate(zip(spectra, ranks)):
         lead = float(spec.sigma[0]) if spec.sigma.numel() and float(spec.sigma[0]) > 0 else 1.0
         order += [(-float(spec.sigma[i]) / lead if i < spec.sigma.numel() else 0.0, t, i) for i in range(r_t)]
     order.sort()
     next_unused = list(ranks)
-    accepted: list[torch.Tensor] = []
+    accepted: list[tuple[torch.Tensor, torch.Tensor]] = []     # (unit row, its coefficients)
     rows_of_task: list[list[torch.Tensor]] = [[] for _ in spectra]
+    coefs_of_task: list[list[torch.Tensor]] = [[] for _ in spectra]
     for _, t, i in order:
         candidate_index = i
         while True:
@@ -228,18 +264,25 @@ def orthogonal_task_rows(spectra: Sequence[Spectrum], ranks: Sequence[int], gamm
             if candidate_index >= vh.shape[0]:
                 raise ValueError(f"task {t} ran out of singular vectors while orthogonalizing its block")
             v = vh[candidate_index].to(DECOMP_DTYPE)
-            for q in accepted:  # modified Gram-Schmidt, twice for stability
-                v = v - (q @ v) * q
-            for q in accepted:
-                v = v - (q @ v) * q
+            coef = torch.zeros(offsets[-1], dtype=DECOMP_DTYPE)
+            coef[offsets[t] + candidate_index] = 1.0
+            for _ in range(2):  # modified Gram-Schmidt, twice for stability
+                for q, q_coef in accepted:
+                    c = q @ v
+                    v = v - c * q
+                    coef = coef - c.to(coef.device) * q_coef
             norm = float(v.norm())
             if norm >= tol:
                 break
             candidate_index = next_unused[t]
             next_unused[t] += 1
         q = v / norm
-        accepted.append(q)
+        accepted.append((q, coef / norm))
         rows_of_task[t].append(q)
+        coefs_of_task[t].append(coef / norm)
+    if coefficients is not None:
+        coefficients[:] = [torch.stack(c) if c else torch.zeros(0, offsets[-1], dtype=DECOMP_DTYPE)
+                           for c in coefs_of_task]
     rows = [torch.stack(r) for r in rows_of_task if r]
     return gamma * torch.cat(rows) if rows else torch.zeros(0, spectra[0].vh.shape[1], dtype=DECOMP_DTYPE)
 

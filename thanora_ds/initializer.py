@@ -28,11 +28,14 @@ from . import distributed as D
 from .distributed import reset_zero3_trace
 from .adapter import ThanoraLinear
 from .config import ThanoraConfig
+from .statistics_cache import StatisticsCache
 from .hasi import (
     allocate_ranks,
     corda_blocks,
+    lora_matched_gains,
     normalized_spectral_entropy,
     orthogonal_task_rows,
+    projected_covariances,
     task_spectrum,
     warn_thin_tasks,
 )
@@ -121,9 +124,13 @@ def _preview_forward(model: nn.Module, batch: dict) -> None:
         model(**kwargs, use_cache=False, logits_to_keep=1)
 
 
-def _content_mask(batch: dict, prefix_length: int) -> torch.Tensor:
+def _content_mask(batch: dict, prefix_length: int, skip_system: bool = True) -> torch.Tensor:
+    """Content tokens (METHOD.md 2.2): not padding, not the common prefix, not the record's own system turn."""
     mask = batch["attention_mask"].bool().clone()
-    mask[:, :prefix_length] = False
+    starts = torch.full((mask.shape[0],), prefix_length, dtype=torch.long)
+    if skip_system and "content_start" in batch:
+        starts = torch.maximum(starts, batch["content_start"].to(torch.long))
+    mask &= torch.arange(mask.shape[1]).unsqueeze(0) >= starts.unsqueeze(1)
     if batch.get("padding_only"):
         mask[:] = False
     return mask
@@ -181,11 +188,12 @@ class _StatisticsCollector:
 @torch.no_grad()
 def run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraConfig, tasks: list[str],
              previews: PreviewFn, prefix_length: int, sample_counts: list[int] | None = None,
-             groups_per_pass: int = 0) -> Allocation:
+             groups_per_pass: int = 0, cache: StatisticsCache | None = None) -> Allocation:
     """Initialize the adapters' task blocks from preview statistics and return the allocation.
 
     ``previews(t)`` yields this rank's share of task t's preview batches; ``prefix_length`` is the common
-    token prefix of all previews (``hasi.common_prefix_length`` over every preview, before sharding).
+    token prefix of all previews (``hasi.common_prefix_length`` over every preview, before sharding). With a
+    ``cache`` holding this run's statistics, no preview forward runs after the one that finds the input groups.
     """
     num_tasks = len(tasks)
     names = list(adapters)
@@ -209,24 +217,30 @@ def run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraC
             raise RuntimeError(f"HASI: adapters never called by the preview forward: {missing[:3]}...")
         per_pass = groups_per_pass if groups_per_pass > 0 else len(groups)
         passes = -(-len(groups) // per_pass)
-        bar = tqdm(total=passes * sum(len(b) for b in task_batches) + len(names), desc="HASI", unit="step",
-                   disable=not D.is_main(), dynamic_ncols=True)
+        cached = cache is not None and cache.usable({g[0]: adapters[g[0]].in_features for g in groups}, num_tasks)
+        bar = tqdm(total=(0 if cached else passes * sum(len(b) for b in task_batches)) + len(names), desc="HASI",
+                   unit="step", disable=not D.is_main(), dynamic_ncols=True)
         for start in range(0, len(groups), per_pass):
             chunk = groups[start:start + per_pass]
             collector = _StatisticsCollector(adapters, chunk, num_tasks)
-            bar.set_postfix_str(f"preview pass {start // per_pass + 1}/{passes}")
+            bar.set_postfix_str(f"{'cached statistics' if cached else 'preview pass'} {start // per_pass + 1}/{passes}")
+            if cached:
+                for group in chunk:
+                    collector.sums[group[0]], collector.counts[group[0]] = cache.load(group[0])
             try:
-                for t in range(num_tasks):
+                for t in range(0 if cached else num_tasks):
                     collector.task = t
                     for batch in task_batches[t]:
-                        collector.mask = _content_mask(batch, prefix_length)
+                        collector.mask = _content_mask(batch, prefix_length, cfg.exclude_system_turn)
                         _preview_forward(model, batch)
                         bar.update(1)
             finally:
                 collector.remove()
-            for group in chunk:  # same order on every rank
+            for group in chunk if not cached else []:  # same order on every rank
                 D.all_reduce_sum_(collector.sums[group[0]])
                 D.all_reduce_sum_(collector.counts[group[0]])
+                if cache is not None and D.is_main():
+                    cache.save(group[0], collector.sums[group[0]], collector.counts[group[0]])
             if start == 0:
                 token_counts = [int(c) for c in collector.counts[chunk[0][0]]]
             # Two phases so that the ranks decompose in parallel: first every layer's weight is gathered (a
@@ -251,6 +265,8 @@ def run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraC
                 bar.update(1)
             del collector, owned
         bar.close()
+        if cache is not None and not cached and D.is_main():
+            cache.finish([g[0] for g in groups])
         warn_thin_tasks(token_counts, tasks, cfg.rank)
         D.all_reduce_sum_(entropy)   # each (layer, task) entry was filled by its owner only
     ranks = allocate_ranks(entropy, types, task_total, cfg.allocation if needs_statistics else "uniform",
@@ -286,7 +302,10 @@ def _decompose_layer(adapter: ThanoraLinear, index: int, weight: torch.Tensor, c
             saved.append(spec)
         elif cfg.mode == "corda":
             saved.append(corda_blocks(weight, cov, task_total, adapter.scale))
-    keep[index] = saved
+    if cfg.mode == "orthogonal" and cfg.gamma_rule == "match_lora":
+        keep[index] = (saved, projected_covariances(saved, covs))
+    else:
+        keep[index] = (saved, None)
 
 
 def _write_blocks(adapter: ThanoraLinear, index: int, ranks: list[int], cfg: ThanoraConfig, saved) -> None:
@@ -299,11 +318,17 @@ def _write_blocks(adapter: ThanoraLinear, index: int, ranks: list[int], cfg: Tha
     a_full = b_full = a0 = b0 = None
     if D.rank() == owner:
         if cfg.mode == "orthogonal":
-            task_a = orthogonal_task_rows(saved, ranks, cfg.gamma)
+            spectra, scale_inputs = saved
+            coefficients = [] if scale_inputs is not None else None
+            task_a = orthogonal_task_rows(spectra, ranks, cfg.gamma, coefficients=coefficients)
+            if scale_inputs is not None:   # gamma_rule match_lora: per-task gains on top of gamma
+                gains = lora_matched_gains(coefficients, *scale_inputs, adapter.in_features)
+                task_a = task_a * torch.repeat_interleave(torch.tensor(gains, dtype=task_a.dtype),
+                                                          torch.tensor(ranks))[:, None]
             task_b = torch.zeros(adapter.out_features, task_rows, dtype=torch.float64)
         else:  # corda: each task's own top-r_t factors
-            task_b = torch.cat([b[:, :r] for (b, _), r in zip(saved, ranks)], dim=1)
-            task_a = torch.cat([a[:r] for (_, a), r in zip(saved, ranks)], dim=0)
+            task_b = torch.cat([b[:, :r] for (b, _), r in zip(saved[0], ranks)], dim=1)
+            task_a = torch.cat([a[:r] for (_, a), r in zip(saved[0], ranks)], dim=0)
         a_full = torch.cat([task_a.to(current_a.dtype), current_a[task_rows:]], dim=0)
         b_full = torch.cat([task_b.to(current_b.dtype), current_b[:, task_rows:]], dim=1)
         if cfg.mode == "corda":

@@ -296,9 +296,19 @@ class Trainer:
         def batches(t: int):
             return preview_batches(self.data, self.tasks[t], cfg.train.preview_batch_size, self.rank, self.world)
 
+        cache = None
+        if cfg.thanora.statistics_cache:
+            from .statistics_cache import StatisticsCache, statistics_key
+
+            fp = self.fingerprint
+            key = statistics_key({"weights": fp["model_weights_digest"], "config": fp["model_config_sha256"],
+                                  "dtype": cfg.model.dtype, "targets": cfg.thanora.targets, "tasks": self.tasks,
+                                  "prefix": prefix, "exclude_system_turn": cfg.thanora.exclude_system_turn},
+                                 previews)
+            cache = StatisticsCache(cfg.thanora.statistics_cache, key)
         self.allocation = run_hasi(self.model, self.adapters, cfg.thanora, self.tasks, batches, prefix,
                                    sample_counts=[len(p) for p in previews],
-                                   groups_per_pass=cfg.train.hasi_groups_per_pass)
+                                   groups_per_pass=cfg.train.hasi_groups_per_pass, cache=cache)
         from .initializer import release_after_hasi  # issue 14: drop ZeRO-3's preview trace and HASI's freed heap
 
         release_after_hasi(self.engine)
@@ -460,7 +470,7 @@ class Trainer:
                                    cfg.eval_max_new_tokens, cfg.eval_generate)
         self.model.train()
         D.reset_zero3_trace(self.engine)  # the eval forwards are not the training order ZeRO-3 should prefetch by
-        record = {"step": self.step, "eval_seconds": time.time() - t0}
+        record = {"step": self.step, "eval_seconds": time.time() - t0, **self.mechanism_summary()}
         for task, r in results.items():
             if r["loss"] is not None:
                 record[f"eval/loss/{task}"] = r["loss"]
@@ -475,6 +485,23 @@ class Trainer:
             log.info("eval at step %d: %s", self.step, ", ".join(f"{k.split('/', 1)[1]} {v:.4f}"
                                                                   for k, v in record.items() if k.startswith("eval/")))
         return results
+
+    def mechanism(self) -> dict[str, dict]:
+        """Per-layer mechanism metrics (thanora_ds.mechanism: effective rank of s B A, cross-task overlaps, task
+        shares), on rank 0; collective (gathers every A and B)."""
+        from .mechanism import layer_metrics
+
+        out = {}
+        for name, adapter in self.adapters.items():
+            a, b = D.full_tensor(adapter.lora_A), D.full_tensor(adapter.lora_B)
+            if D.is_main():
+                out[name] = layer_metrics(a, b, adapter.block_sizes, adapter.scale)
+        return out
+
+    def mechanism_summary(self) -> dict:
+        from .mechanism import summarize
+
+        return summarize(self.mechanism(), self.tasks) if len(self.tasks) > 1 else {}
 
     def _check_weights(self, step: int) -> None:
         """After the optimizer step: a non-finite trainable weight stops the run before anything is saved, so the
@@ -508,6 +535,11 @@ class Trainer:
         cfg = self.cfg
         self.engine.train()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True) if D.is_main() else None
+        if cfg.train.eval_every and self.step == 0 and len(self.tasks) > 1:
+            mech = {"step": 0, **self.mechanism_summary()}   # the subspaces as HASI left them
+            if D.is_main():
+                with open(self.out / "eval.jsonl", "a") as f:
+                    self.log_metrics(mech, None, f)
         last_saved = self.step if self.resume_from is not None else None
         while self.step < self.max_steps:
             record = self.train_step()
@@ -580,6 +612,13 @@ class Trainer:
             final.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(final / "adapter_weights.safetensors"))
             self.allocation.save(final / "allocation.json")
+            if len(self.tasks) > 1:
+                from .mechanism import layer_metrics
+
+                per_layer = {name: layer_metrics(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"],
+                                                 adapter.block_sizes, adapter.scale)
+                             for name, adapter in self.adapters.items()}
+                atomic_write_text(final / "mechanism.json", json.dumps({"tasks": self.tasks, "layers": per_layer}))
 
 
 def train(cfg: TrainConfig, check_only: bool = False) -> int:
