@@ -214,3 +214,46 @@ def test_mechanism_metrics_on_known_factors():
     cov = a[:2].T @ a[:2]
     assert layer_metrics(a, b, [2, 2, 0], 1.0, cov)["task_share"] == pytest.approx([1.0, 0.0], abs=1e-12)
     assert subspace_overlap(a[:2], torch.zeros(2, d_in, dtype=torch.float64)) == 0.0
+
+
+def test_task_routing_sends_each_sample_through_its_own_block_and_the_shared_one():
+    from thanora_ds.adapter import ThanoraLinear
+
+    torch.manual_seed(0)
+    layer = ThanoraLinear(torch.nn.Linear(6, 5), rank=6, alpha=6.0, block_sizes=[2, 2, 2])
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = torch.randn(2, 3, 6)
+    layer.route = torch.tensor([0, 1])
+    routed = layer(x)
+    routed.sum().backward()
+    for b, keep in ((0, [0, 1, 4, 5]), (1, [2, 3, 4, 5])):   # own block + shared block
+        manual = layer.base(x[b]) + layer.scale * (x[b] @ layer.lora_A[keep].T) @ layer.lora_B[:, keep].T
+        assert torch.allclose(routed[b], manual, atol=1e-6)
+    # with every sample of task 0, task 1's block gets no gradient
+    layer.zero_grad()
+    layer.route = torch.tensor([0, 0])
+    layer(x).sum().backward()
+    assert float(layer.lora_A.grad[2:4].abs().max()) == 0.0 and float(layer.lora_B.grad[:, 2:4].abs().max()) == 0.0
+    assert float(layer.lora_A.grad[0:2].abs().max()) > 0
+    layer.route = None   # evaluation: every block, the merged model's function
+    assert torch.allclose(layer(x), layer.base(x) + layer.scale * (x @ layer.lora_A.T) @ layer.lora_B.T, atol=1e-6)
+
+
+def test_training_with_task_routing_and_the_statistics_cache(tmp_path):
+    """Through the trainer: task routing trains; a second run with the same data and the cache previews nothing."""
+    import json
+
+    from run_fixtures import launch, make_run, read_metrics
+
+    config = make_run(tmp_path, train__max_steps=2)
+    cache = tmp_path / "cache"
+    first = launch(config, 0, "thanora.task_routing=true", f"thanora.statistics_cache={cache}")
+    assert "preview pass" in first.stderr
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
+    assert len(list(cache.glob("*/complete.json"))) == 1
+    second = launch(config, 0, f"thanora.statistics_cache={cache}", f"train.output_dir={tmp_path / 'out2'}")
+    assert "cached statistics" in second.stderr and "preview pass" not in second.stderr
+    a, b = (json.loads((tmp_path / d / "allocation.json").read_text()) for d in ("out", "out2"))
+    assert a["ranks"] == b["ranks"] and a["entropy"] == b["entropy"] and a["token_counts"] == b["token_counts"]

@@ -4,7 +4,9 @@
     B = [B_1, ..., B_T, B_c]        B_t: d_out x r_t  (columns)
     y = W x + s * B A dropout(x),   s = alpha / r  (rsLoRA: alpha / sqrt(r))
 
-Every sample flows through every block; the task split only matters to the initializer and to SPR. In mode
+Every sample flows through every block; the task split only matters to the initializer and to SPR. The option
+``thanora.task_routing`` (an ablation beyond METHOD.md) masks the rank activations during training so that each
+sample reaches only its own task's block and the shared block; evaluation and the merged model use every block. In mode
 ``corda`` the frozen W is the residual W_res = W - s B_0 A_0 with (B_0, A_0) the initial blocks, kept here as
 buffers so that merge, export and resume can rebuild or undo it.
 
@@ -54,6 +56,9 @@ class ThanoraLinear(nn.Module):
         self.register_buffer("corda_B0", None)
         self.spr_options: dict | None = None  # set by enable_spr(); None = no penalty
         self.spr_value: torch.Tensor | None = None
+        # thanora.task_routing (training only): the task id of each sample of the current batch, [B]; None = every
+        # sample flows through every block (METHOD.md's forward, and always at evaluation and after merging)
+        self.route: torch.Tensor | None = None
 
     @property
     def task_sizes(self) -> list[int]:
@@ -84,8 +89,21 @@ class ThanoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spr_options is not None and torch.is_grad_enabled() and len(self.task_sizes) > 1:
             self.spr_value = spr_layer_penalty(self.lora_A, self.lora_B, self.task_sizes, **self.spr_options)
-        lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-        return self.base(x) + self.scale * lora
+        hidden = F.linear(self.dropout(x), self.lora_A)                      # [..., r]: the rank-space activations
+        if self.route is not None:
+            mask = self.route_mask(hidden)
+            hidden = hidden * (mask[:, None, :] if hidden.dim() == 3 else mask)
+        return self.base(x) + self.scale * F.linear(hidden, self.lora_B)
+
+    def route_mask(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, r] 0/1: sample b keeps the rank indices of its own task's block and of the shared block."""
+        sizes = self.block_sizes
+        block_of_index = torch.repeat_interleave(torch.arange(len(sizes), device=hidden.device),
+                                                 torch.tensor(sizes, device=hidden.device))
+        route = self.route.to(hidden.device)
+        own = block_of_index.unsqueeze(0) == route.unsqueeze(1)
+        shared = (block_of_index == len(sizes) - 1).unsqueeze(0)
+        return (own | shared).to(hidden.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.rank}, blocks={self.block_sizes}, "

@@ -34,6 +34,7 @@ class ThanoraConfig:
     spectrum: str = "weighted"          # weighted: W (C + delta I); covariance: C alone
     exclude_system_turn: bool = True    # HASI statistics skip each record's own system turn (METHOD.md 2.2)
     statistics_cache: str = ""          # folder caching HASI's preview statistics across runs ("" = none)
+    task_routing: bool = False          # training only: each sample updates only its task's block + the shared one
     spr_lambda: float = 1e-3
     spr_normalize: bool = True
     spr_terms: str = "both"             # both | A | B

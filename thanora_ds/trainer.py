@@ -394,6 +394,9 @@ class Trainer:
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
+        if self.cfg.thanora.task_routing:   # kept for activation checkpointing's re-forward; cleared after backward
+            for adapter in self.adapters.values():
+                adapter.route = batch["task_ids"]
         with D.symmetric_vision_forward(self.model, "pixel_values" in inputs):
             logits = self.engine(**inputs, use_cache=False).logits
         labels = batch["labels"].to(device)
@@ -408,6 +411,9 @@ class Trainer:
                                  f"{(spr.item() if spr is not None else 0.0):.4g}); stopped before the optimizer step. "
                                  "Lower train.lr, check the data, or use fp32.")
         self.engine.backward(loss)
+        if self.cfg.thanora.task_routing:
+            for adapter in self.adapters.values():
+                adapter.route = None
         with torch.no_grad():
             per_sample = per_token.sum(1).detach().float().cpu()
             tokens = valid.sum(1).float().cpu()
