@@ -159,7 +159,6 @@ def hasi_table(shapes: list[tuple[int, int]], routes: list[str], device: str, ke
 def hasi_allocation_by_route(config: str, routes: list[str], overrides: list[str]) -> dict:
     """HASI (statistics, entropies, allocation) on the real model of ``config`` in one plain process, once per
     decomposition route: entropy differences and whether the integer ranks agree with the first route."""
-    import os
 
     from thanora_ds.data import build_multitask_data, preview_batches
     from thanora_ds.hasi import common_prefix_length
@@ -176,7 +175,7 @@ def hasi_allocation_by_route(config: str, routes: list[str], overrides: list[str
     prefix = common_prefix_length([ex["input_ids"] for t in data.tasks for ex in data.preview[t]])
     out = {}
     for route in routes:
-        os.environ["THANORA_HASI_DECOMPOSITION"] = route
+        cfg.thanora.hasi_decomposition = route
         t0 = time.perf_counter()
         alloc = run_hasi(model, adapters, cfg.thanora, data.tasks,
                          lambda t: preview_batches(data, data.tasks[t], cfg.train.preview_batch_size), prefix)

@@ -12,13 +12,15 @@ prompt), uppercase (exact match, own system prompt; benchmarks/data/build_upperc
 Training: one epoch of the mixture (train.num_epochs 1: every train record once, 50 steps of 8), cosine with
 5 % warmup.
 
-The plan, in this order (each job is one child process; its result file makes it done, so the same command
-resumes an interrupted study job by job):
-1. Learning-rate sweep on seed 0: every method of METHODS at each of its LRS.
-2. Seed 0 at each method's best learning rate (lowest mean eval loss of step 1, the selection rule): the
-   lambda sweep of ThanoRA (LAMBDAS) and one plain LoRA per task (PER_TASK: each trained alone on its task for
-   one epoch of it, evaluated on it).
-3. Seeds 1 and 2 at the best learning rates selected in 1: every method, and the per-task LoRAs.
+The plan (``plan``; each job is one child process; its result file makes it done, so the same command resumes
+an interrupted study job by job), in priority order:
+1. Learning-rate sweep on seed 0 of plain LoRA and ThanoRA (SWEPT) at each of their LRS; the selection rule: the
+   learning rate with the lowest mean eval loss on seed 0.
+2. Seeds 1 and 2 of both at their selected learning rates (the main comparison, paired per seed).
+3. ThanoRA with SPR off (lambda 0) and strong (0.1) on seed 0: the mechanism curves.
+4. References: ThanoRA with unit rows (the earlier default gamma 1; its own small sweep), ThanoRA with task
+   routing (VARIANTS, at ThanoRA's rate), one plain LoRA per task (each trained alone for one epoch of its task,
+   evaluated on it), every seed; then the rest of the lambda sweep.
 The report (benchmarks/results/study/report.md, results.json, plots) pairs methods per seed: mean difference
 with a 95 % t interval over seeds (n - 1 degrees of freedom). Seed s sets data.seed (which records are eval /
 preview / train and the data order), train.seed and thanora.init_seed.
@@ -57,8 +59,12 @@ METHODS = {   # name: (thanora overrides, description)
     "thanora": ({"gamma_rule": "match_lora"}, "ThanoRA, gamma_rule match_lora"),
     "thanora_unit": ({"gamma_rule": "constant", "gamma": 1.0}, "ThanoRA, unit rows (gamma 1, METHOD.md's literal)"),
 }
+# options measured at ThanoRA's selected learning rate only (no sweep of their own), seed by seed
+VARIANTS = {"thanora_routed": ({"gamma_rule": "match_lora", "task_routing": True},
+                               "ThanoRA + task routing in training (each sample: its block + shared; all merged)")}
 LRS = {"lora": [1e-3, 3e-4, 3e-3], "thanora": [1e-3, 3e-4, 3e-3], "thanora_unit": [3e-4, 1e-4]}   # first: run first
-LAMBDAS = [0.0, 1e-2, 1e-1, 1.0]     # besides the default 1e-3 of the sweep
+SWEPT = ["lora", "thanora"]   # the main comparison; thanora_unit (the earlier default) is a reference row
+LAMBDAS = [0.0, 1e-1, 1e-2, 1.0]     # besides the default 1e-3 of the sweep; the first two run first
 SEEDS = [0, 1, 2]
 EVAL_RECORDS = 100
 TRAIN_RECORDS = 100   # per task, besides its previews: one epoch is 4 x 100 / 8 = 50 steps (2 CPU cores)
@@ -113,7 +119,7 @@ def steps_per_epoch(tasks: list[str]) -> int:
 def run_config(job: dict, work: Path, cache: Path) -> dict:
     tasks = [job["task"]] if job.get("task") else list(TASKS)
     steps = steps_per_epoch(tasks)
-    thanora = dict(METHODS[job["method"]][0], rank=SETTINGS["rank"], alpha=SETTINGS["alpha"], init_seed=job["seed"],
+    thanora = dict({**METHODS, **VARIANTS}[job["method"]][0], rank=SETTINGS["rank"], alpha=SETTINGS["alpha"], init_seed=job["seed"],
                    statistics_cache=str(cache))
     if job.get("spr_lambda") is not None:
         thanora["spr_lambda"] = job["spr_lambda"]
@@ -207,18 +213,24 @@ def best_lr(method: str, runs: dict) -> float | None:
 
 
 def plan(runs: dict) -> list[dict]:
-    """Every job known so far, in priority order (jobs of steps 2-3 appear once the sweep has chosen)."""
-    # the likeliest learning rates first, so that a partial sweep already compares the methods
-    jobs = [{"method": m, "lr": LRS[m][i], "seed": 0} for i in range(3) for m in METHODS if i < len(LRS[m])]
+    """Every job known so far, in priority order (jobs after the sweep appear once it has chosen): the main
+    comparison first (sweep, then the other seeds at the chosen rates), then SPR off/strong (mechanism), then the
+    reference rows and the rest of the lambda sweep."""
+    sweep = [{"method": m, "lr": LRS[m][i], "seed": 0} for i in range(3) for m in SWEPT if i < len(LRS[m])]
     best = {m: best_lr(m, runs) for m in METHODS}
+    if best["lora"] is None or best["thanora"] is None:
+        return sweep
+    main = [{"method": m, "lr": best[m], "seed": s} for s in SEEDS[1:] for m in SWEPT]
+    spr = [{"method": "thanora", "lr": best["thanora"], "seed": 0, "spr_lambda": lam} for lam in LAMBDAS]
+    references = []
     for seed in SEEDS:
-        if seed:
-            jobs += [{"method": m, "lr": best[m], "seed": seed} for m in METHODS if best[m] is not None]
-        if best["thanora"] is not None and seed == 0:
-            jobs += [{"method": "thanora", "lr": best["thanora"], "seed": 0, "spr_lambda": lam} for lam in LAMBDAS]
-        if best["lora"] is not None:
-            jobs += [{"method": "lora", "lr": best["lora"], "seed": seed, "task": t} for t in TASKS]
-    return jobs
+        if best["thanora_unit"] is not None:
+            references.append({"method": "thanora_unit", "lr": best["thanora_unit"], "seed": seed})
+        references += [{"method": v, "lr": best["thanora"], "seed": seed} for v in VARIANTS]
+        references += [{"method": "lora", "lr": best["lora"], "seed": seed, "task": t} for t in TASKS]
+    unit_sweep = [{"method": "thanora_unit", "lr": lr, "seed": 0} for lr in LRS["thanora_unit"]]
+    jobs = sweep + main + spr[:2] + unit_sweep + references + spr[2:]
+    return list({job_name(j): j for j in jobs}.values())   # in order, each once
 
 
 def next_job(results: Path) -> dict | None:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from study import EVAL_RECORDS, LAMBDAS, LRS, METHODS, SEEDS, SETTINGS, TASKS, best_lr, job_name, mean_loss, mean_score
+from study import EVAL_RECORDS, LAMBDAS, LRS, METHODS, SEEDS, VARIANTS, SETTINGS, TASKS, best_lr, job_name, mean_loss, mean_score
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -45,6 +45,9 @@ def method_runs(runs: dict) -> dict[str, dict[int, dict]]:
         lr = best_lr(m, runs)
         if lr is not None:
             rows[m] = {s: r for s in SEEDS if (r := runs.get(job_name({"method": m, "lr": lr, "seed": s})))}
+    lr = best_lr("thanora", runs)
+    for v in VARIANTS if lr is not None else []:
+        rows[v] = {s: r for s in SEEDS if (r := runs.get(job_name({"method": v, "lr": lr, "seed": s})))}
     lr = best_lr("lora", runs)
     if lr is not None:
         rows["per_task_lora"] = {s: r for s in SEEDS if (r := per_task_run(runs, lr, s))}
@@ -85,7 +88,7 @@ def write_report(results: Path, runs: dict) -> None:
               "|---|---:|" + "---:|" * (len(TASKS) + 5)]
     base = rows.get("lora", {})
     for name, by_seed in rows.items():
-        lr = best_lr("lora" if name == "per_task_lora" else name, runs)
+        lr = best_lr({"per_task_lora": "lora", **{v: "thanora" for v in VARIANTS}}.get(name, name), runs)
         cells = [fmt(interval([r["tasks"][t]["score"] for r in by_seed.values()]), 2) for t in TASKS]
         common = [s for s in by_seed if s in base]
         d_score = interval([mean_score(by_seed[s]) - mean_score(base[s]) for s in common]) if common and name != "lora" else None

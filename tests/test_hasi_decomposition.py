@@ -79,11 +79,11 @@ def test_rank_deficient_statistic_wide_route():
     torch.testing.assert_close(spec.vh.norm(dim=1), torch.ones(32, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
-def test_route_selection(monkeypatch):
-    monkeypatch.delenv("THANORA_HASI_DECOMPOSITION", raising=False)
+def test_route_selection():
     assert hasi.decomposition_route() == hasi.DEFAULT_DECOMPOSITION
-    monkeypatch.setenv("THANORA_HASI_DECOMPOSITION", "gram32")
-    assert hasi.decomposition_route() == "gram32"
     assert hasi.decomposition_route("svd64") == "svd64"
     with pytest.raises(ValueError, match="decomposition"):
         hasi.decomposition_route("qr")
+    from thanora_ds.config import ConfigError, ThanoraConfig
+    with pytest.raises(ConfigError, match="thanora.hasi_decomposition"):
+        ThanoraConfig(hasi_decomposition="qr").validate()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .hasi import ALLOCATIONS, GAMMA_RULES, SPECTRA
+from .hasi import ALLOCATIONS, DECOMPOSITIONS, GAMMA_RULES, SPECTRA
 from .spr import SPR_TERMS
 from .typed_config import ConfigError, apply_overrides, from_dict, read_config_file  # noqa: F401 (re-exported)
 
@@ -32,6 +32,7 @@ class ThanoraConfig:
     gamma: float = 1.0                  # scale of HASI's A blocks (times the rule's per-task gain)
     gamma_rule: str = "constant"        # constant: unit rows * gamma; match_lora: plain LoRA's initial scale
     spectrum: str = "weighted"          # weighted: W (C + delta I); covariance: C alone
+    hasi_decomposition: str = "gram64"  # how K's spectrum is computed: gram64 | svd64 | gram32 | svd32 (hasi.py)
     exclude_system_turn: bool = True    # HASI statistics skip each record's own system turn (METHOD.md 2.2)
     statistics_cache: str = ""          # folder caching HASI's preview statistics across runs ("" = none)
     task_routing: bool = False          # training only: each sample updates only its task's block + the shared one
@@ -54,7 +55,8 @@ class ThanoraConfig:
         if self.rank < 1:
             raise bad("rank", f"must be >= 1, got {self.rank}")
         for key, options in (("mode", MODES), ("allocation", ALLOCATIONS), ("spectrum", SPECTRA),
-                             ("spr_terms", SPR_TERMS), ("gamma_rule", GAMMA_RULES)):
+                             ("spr_terms", SPR_TERMS), ("gamma_rule", GAMMA_RULES),
+                             ("hasi_decomposition", DECOMPOSITIONS)):
             if getattr(self, key) not in options:
                 raise bad(key, f"unknown value {getattr(self, key)!r}; choose one of {list(options)}")
         for key in ("spr_lambda", "tau", "alpha"):

@@ -14,7 +14,6 @@ then, over all layers at once (scaled_softmax pools a scale per module type), ra
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,15 +32,14 @@ DECOMP_DTYPE = torch.float64  # SVDs of d x d statistics: fp64 keeps step-0 equa
 #   gram32  the same in fp32: 2.3-4.5x faster per shape, but on SmolLM2's real statistics entropies moved by up to
 #           1.3e-2 and 6 of 210 layers got other ranks (fp32 Gram of ill-conditioned statistics): opt-in only
 #   svd32   fp32 SVD (measured, not recommended)
-# tests/test_hasi_decomposition.py compares every route with svd64. THANORA_HASI_DECOMPOSITION overrides the
-# default for a run (every rank must see the same value).
+# tests/test_hasi_decomposition.py compares every route with svd64. A run picks one with thanora.hasi_decomposition.
 DECOMPOSITIONS = ("gram64", "svd64", "gram32", "svd32")
 DEFAULT_DECOMPOSITION = "gram64"
 
 
 def decomposition_route(name: str | None = None) -> str:
-    """The route to use: ``name``, else $THANORA_HASI_DECOMPOSITION, else DEFAULT_DECOMPOSITION."""
-    route = name or os.environ.get("THANORA_HASI_DECOMPOSITION") or DEFAULT_DECOMPOSITION
+    """The route to use: ``name``, else DEFAULT_DECOMPOSITION."""
+    route = name or DEFAULT_DECOMPOSITION
     if route not in DECOMPOSITIONS:
         raise ValueError(f"HASI decomposition must be one of {DECOMPOSITIONS}, got {route!r}")
     return route

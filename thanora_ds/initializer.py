@@ -296,7 +296,8 @@ def _decompose_layer(adapter: ThanoraLinear, index: int, weight: torch.Tensor, c
     """Owner rank of layer ``index``: entropies of every task, and the vectors the blocks will need."""
     saved = []
     for t, cov in enumerate(covs):
-        spec = task_spectrum(weight, cov, cfg.spectrum, keep=min(2 * task_total, cov.shape[0]))
+        spec = task_spectrum(weight, cov, cfg.spectrum, keep=min(2 * task_total, cov.shape[0]),
+                             decomposition=cfg.hasi_decomposition)
         entropy[index, t] = normalized_spectral_entropy(spec.sigma)
         if cfg.mode == "orthogonal":
             saved.append(spec)
