@@ -106,6 +106,12 @@ class DataConfig:
     # read files as a stream instead of first converting them to a cached Arrow copy on disk; the
     # validated records and token ids are still held in memory (splits need every record)
     streaming: bool = False
+    # the validated, tokenized data is cached on disk (data/cache.py) and reused by every later start with the same
+    # data files, tokenizer/processor and encoding settings (a SLURM requeue starts in seconds); false: always rebuild
+    cache: bool = True
+    # where: default $THANORA_DATA_CACHE, else $XDG_CACHE_HOME/thanora_ds/data (~/.cache/thanora_ds/data); an entry
+    # of LLaVA-665K takes a few GB, so point it at a scratch filesystem (shared between nodes) where home is small
+    cache_dir: Optional[str] = None
 
     def __post_init__(self):
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
@@ -131,6 +137,11 @@ class DataConfig:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.max_errors < 1:
             raise bad("max_errors", f"must be >= 1, got {self.max_errors}")
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
+            raise bad("cache_dir", f"must be a folder path, got {self.cache_dir!r} (leave it out for the default; "
+                                   "data.cache: false turns the cache off)")
+        if self.cache_dir is not None and os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
+            raise bad("cache_dir", f"{self.cache_dir} exists and is not a folder")
         for i, src in enumerate(self.sources):
             src.check_values(f"{prefix}.sources[{i}]")
         for name, t in self.tasks.items():
@@ -164,8 +175,9 @@ class DataConfig:
                     raise ConfigError(f"{prefix}.sources[{i}].path: expected a file path, got {s['path']!r}")
                 resolved.append(dict(s, path=_resolve(s["path"], base_dir)))
             d["sources"] = resolved
-        if isinstance(d.get("image_folder"), str):
-            d["image_folder"] = _resolve(d["image_folder"], base_dir)
+        for key in ("image_folder", "cache_dir"):
+            if isinstance(d.get(key), str) and d[key].strip():
+                d[key] = _resolve(d[key], base_dir)
         if isinstance(d.get("tasks"), dict):  # `task:` with nothing under it is a task with default settings
             d["tasks"] = {k: ({} if v is None else v) for k, v in d["tasks"].items()}
         return from_dict(cls, d, prefix)

@@ -3,15 +3,32 @@
 Everything that can be wrong with the data is found here, before any model is loaded: the
 structural checks of `records.py` and the length/template checks of `encode.py` go into one
 problem log, so the user sees a single report (or a single per-task skip count).
+
+The validated, tokenized result is cached on disk (`cache.py`, `data.cache` / `data.cache_dir`): built once
+(rank 0; the other ranks wait and load it), reused by every later start with the same data files,
+tokenizer/processor and data settings, which then reads no record, tokenizes nothing and opens no image. The
+problem log is part of the entry and is replayed, so skip counts and notices read the same from a cached start.
+
+Images: validation reads only each image's header and checks its end marker (`records.image_problem`); the number
+of image tokens comes from the processor's configuration where it is fixed (`image_tokens.py`), so encoding decodes
+one image (the check of that number against the processor's real output) instead of all of them. Pixel values are
+computed when an example is read (`ExampleList.__getitem__`), i.e. where the trainer reads it: the trainer reads
+`train_example()` in its own process, one micro-batch at a time, so each step decodes its own batch's images
+there; nothing decodes ahead. A `torch.utils.data.DataLoader` with workers over an `ExampleList` decodes in its
+workers instead (forked workers share the token arrays).
 """
 
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from .cache import CacheInfo, Encoded, cached, image_stat
 from .config import DataConfig
 from .encode import Encoder, pixel_values_for
 from .errors import DataValidationError, Problem, RecordProblem
@@ -24,8 +41,7 @@ logger = logging.getLogger("thanora_ds.data")
 
 @dataclass
 class _Item:
-    input_ids: list[int]
-    labels: list[int]
+    row: int  # the example's row in the TokenStore
     task_id: int
     id: str
     images: list[str]
@@ -33,13 +49,28 @@ class _Item:
     content_start: int = 0
 
 
-class ExampleList(Sequence):
-    """A split of one task. Items are dicts (`input_ids`, `labels`, `task_id`, `id`, and
-    `pixel_values` [n_images, C, H, W] when the record has images). Token ids are held in memory;
-    pixel values are computed on access from the image files, so a large image set costs no RAM."""
+class TokenStore:
+    """Token ids and labels of all examples, concatenated in flat int32 arrays (memory maps of the cache entry on
+    a cached start, so the ranks of a node share one copy) with row offsets."""
 
-    def __init__(self, items: list[_Item], processor=None, pad_to_square: bool = False):
-        self._items, self._processor, self._pad = items, processor, pad_to_square
+    def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray):
+        self.ids, self.labels, self.offsets = ids, labels, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> tuple[list[int], list[int]]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.ids[a:b].tolist(), self.labels[a:b].tolist()
+
+
+class ExampleList(Sequence):
+    """A split of one task. Items are dicts (`input_ids`, `labels`, `task_id`, `id`, `content_start`, and
+    `pixel_values` [n_images, C, H, W] when the record has images). Token ids are held in one flat array per
+    data set; pixel values are computed on access from the image files, so a large image set costs no RAM."""
+
+    def __init__(self, items: list[_Item], store: TokenStore, processor=None, pad_to_square: bool = False):
+        self._items, self._store, self._processor, self._pad = items, store, processor, pad_to_square
 
     def __len__(self) -> int:
         return len(self._items)
@@ -48,9 +79,10 @@ class ExampleList(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         it = self._items[i]
+        input_ids, labels = self._store.row(it.row)
         ex: dict[str, Any] = {
-            "input_ids": list(it.input_ids),
-            "labels": list(it.labels),
+            "input_ids": input_ids,
+            "labels": labels,
             "task_id": it.task_id,
             "id": it.id,
             "content_start": it.content_start,
@@ -72,6 +104,7 @@ class MultiTaskData:
     pad_token_id: int
     config: DataConfig
     truncated: dict[str, int] = field(default_factory=dict)  # per task, examples cut at max_length
+    cache: CacheInfo = field(default_factory=CacheInfo)  # how this start got its data (built, or from the cache)
 
     @property
     def task_sizes(self) -> list[int]:
@@ -92,35 +125,27 @@ class MultiTaskData:
 
 
 def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> MultiTaskData:
-    """Read, validate (structure, then length with the real tokenizer) and tokenize all sources.
+    """Read, validate (structure, then length with the real tokenizer) and tokenize all sources, or load all of
+    that from the data cache (`cache.py`). Every rank calls it; with several ranks only rank 0 builds.
 
     Raises `DataValidationError` listing every problem (up to `cfg.max_errors`), unless
     `cfg.skip_invalid`, in which case invalid records are skipped and counted per task
     (`.skipped`, and a logged warning).
     """
-    loaded = load_records(cfg, _defer=True)
-    log = loaded.problems
-    pad = cfg.image_aspect_ratio == "pad"
-    encoder = Encoder(tokenizer, processor, cfg.max_length, pad)
-    pad_id = encoder.tokenizer.pad_token_id
+    if tokenizer is None and processor is None:
+        raise ValueError("build_multitask_data needs a tokenizer or a processor")
+    pad_id = (tokenizer if tokenizer is not None else processor.tokenizer).pad_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before building data")
-
-    lines = line_index()
-    encoded: dict[str, list[_Item]] = {}
-    truncated: dict[str, int] = {}
-    names = [t for t, recs in loaded.by_task.items() if recs or t in cfg.tasks]
-    for task_id, task in enumerate(names):
-        items = encoded.setdefault(task, [])
-        for rec in loaded.by_task[task]:
-            try:
-                enc = encoder.encode(rec)
-            except RecordProblem as p:
-                log.add(problem_for(rec, p.field, p.message, lines))
-                continue
-            truncated[task] = truncated.get(task, 0) + enc.truncated
-            items.append(_Item(enc.input_ids, enc.labels, task_id, rec.id, rec.images, rec.source, enc.content_start))
-    skipped = log.finish(cfg.skip_invalid)
+    enc, info = cached(cfg, tokenizer, processor, lambda: _encode_all(cfg, tokenizer, processor))
+    skipped = enc.log.finish(cfg.skip_invalid)
+    store = TokenStore(enc.ids, enc.labels, enc.offsets)
+    names = enc.tasks
+    encoded: dict[str, list[_Item]] = {t: [] for t in names}
+    for row, task_id in enumerate(enc.task_id):
+        encoded[names[task_id]].append(_Item(row, task_id, enc.record_id[row], enc.images[row], enc.source[row],
+                                             enc.content_start[row]))
+    truncated = enc.truncated
 
     empty = [t for t in names if not encoded[t]]
     missing = [t for t in empty if t in cfg.tasks]
@@ -147,6 +172,7 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
         raise DataValidationError([Problem(file="<config>", field="sources[].split", task=t,
                                            message=f"task {t} has records only in eval sources: nothing to train on")
                                    for t in without_training])
+    pad = cfg.image_aspect_ratio == "pad"
     train, preview, eval_ = {}, {}, {}
     for t in tasks:
         items = encoded[t]
@@ -157,10 +183,48 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
             pv_items = tr_items[: cfg.preview_samples]
             logger.warning("task %s has %d record(s): too few for a separate preview split; HASI previews its %d "
                            "training record(s) instead (its ranks rest on very little data)", t, len(items), len(pv_items))
-        train[t] = ExampleList(tr_items, processor, pad)
-        preview[t] = ExampleList(pv_items, processor, pad)
-        eval_[t] = ExampleList(ev_items, processor, pad)
-    return MultiTaskData(tasks, train, preview, eval_, skipped, pad_id, cfg, {t: n for t, n in truncated.items() if n})
+        train[t] = ExampleList(tr_items, store, processor, pad)
+        preview[t] = ExampleList(pv_items, store, processor, pad)
+        eval_[t] = ExampleList(ev_items, store, processor, pad)
+    return MultiTaskData(tasks, train, preview, eval_, skipped, pad_id, cfg, {t: n for t, n in truncated.items() if n},
+                         info)
+
+
+def _encode_all(cfg: DataConfig, tokenizer, processor) -> Encoded:
+    """Read and validate every record and tokenize every valid one: what a cache entry holds (the problem log is
+    not finished here; the caller does that, from a fresh build and from a cached one alike)."""
+    loaded = load_records(cfg, _defer=True)
+    log = loaded.problems
+    encoder = Encoder(tokenizer, processor, cfg.max_length, cfg.image_aspect_ratio == "pad")
+    lines = line_index()
+    ids, labels, offsets = array("i"), array("i"), [0]
+    task_ids, record_ids, sources, images, content_start = [], [], [], [], []
+    truncated: dict[str, int] = {}
+    names = [t for t, recs in loaded.by_task.items() if recs or t in cfg.tasks]
+    for task_id, task in enumerate(names):
+        for rec in loaded.by_task[task]:
+            try:
+                enc = encoder.encode(rec)
+            except RecordProblem as p:
+                log.add(problem_for(rec, p.field, p.message, lines))
+                continue
+            truncated[task] = truncated.get(task, 0) + enc.truncated
+            ids.extend(enc.input_ids)
+            labels.extend(enc.labels)
+            offsets.append(len(ids))
+            task_ids.append(task_id)
+            record_ids.append(rec.id)
+            sources.append(rec.source)
+            images.append(list(rec.images))
+            content_start.append(int(enc.content_start))
+    checked = set(loaded.image_checks) | {p for imgs in images for p in imgs}
+    return Encoded(
+        tasks=names, ids=np.frombuffer(ids, dtype=np.int32) if ids else np.zeros(0, np.int32),
+        labels=np.frombuffer(labels, dtype=np.int32) if labels else np.zeros(0, np.int32),
+        offsets=np.asarray(offsets, dtype=np.int64), task_id=task_ids, record_id=record_ids, source=sources,
+        images=images, content_start=content_start, truncated=truncated, log=log,
+        image_stat={p: image_stat(p) for p in sorted(checked)},
+    )
 
 
 def _split_task(task: str, items: list[_Item], role: dict[str, str], cfg: DataConfig):

@@ -51,6 +51,9 @@ class LoadedRecords:
     by_task: dict[str, list[Record]]
     skipped: dict[str, int]
     problems: ProblemLog
+    # every image path checked, with None if it is fine, else the reason (the data cache watches all of them: an
+    # image fixed since, or broken since, changes what is valid)
+    image_checks: dict[str, Optional[str]] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:
@@ -90,7 +93,7 @@ def load_records(cfg: DataConfig, *, _defer: bool = False) -> LoadedRecords:
             elif raw.get("id") is not None:
                 seen_ids[key] = (src.path, index)
     by_task = {t: by_task.get(t, []) for t in sorted(set(by_task) | set(cfg.tasks))}
-    out = LoadedRecords(by_task, {}, log)
+    out = LoadedRecords(by_task, {}, log, image_ok)
     if not _defer:
         out.skipped = log.finish(cfg.skip_invalid)
         missing = [t for t in cfg.tasks if not by_task[t]]
