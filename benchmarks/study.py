@@ -156,6 +156,10 @@ def run_job(spec_path: str) -> int:
     t0 = time.time()
     (work / "run_config.json").write_text(json.dumps(spec["run_config"], indent=1))
     train(load_train_config(work / "run_config.json"))
+    status = json.loads((work / "status.json").read_text())
+    if status["state"] != "finished":   # stopped early (a signal, the parent gone): resume it, never score it
+        print(f"training {status['state']} at step {status['step']} ({status['reason']}); not evaluated", flush=True)
+        return 1
     result = {"job": job, "name": spec["name"], "commit": spec["commit"], "train_seconds": time.time() - t0,
               "timings": json.loads((work / "timings.json").read_text())}
     result["curve"] = [json.loads(line) for line in (work / "eval.jsonl").read_text().splitlines() if line.strip()]
