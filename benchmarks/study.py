@@ -24,8 +24,8 @@ an interrupted study job by job), in priority order:
 The report (benchmarks/results/study/report.md, results.json, plots) pairs methods per seed: mean difference
 with a 95 % t interval over seeds (n - 1 degrees of freedom). Seed s sets data.seed (which records are eval /
 preview / train and the data order), train.seed and thanora.init_seed.
-Every training run evaluates the eval loss and logs the mechanism metrics (thanora_ds.mechanism) at step 0,
-half-way and at the end; HASI statistics are cached per seed (thanora.statistics_cache), so the variants of a seed
+ThanoRA's runs on seed 0 evaluate the eval loss and log the mechanism metrics (thanora_ds.mechanism) at step 0,
+half-way and at the end (``curves``); every run writes the mechanism at the end; HASI statistics are cached per seed (thanora.statistics_cache), so the variants of a seed
 preview once.
 """
 from __future__ import annotations
@@ -116,6 +116,12 @@ def steps_per_epoch(tasks: list[str]) -> int:
     return math.ceil(train * len(tasks) / SETTINGS["micro_batch_size"])
 
 
+def curves(job: dict) -> bool:
+    """Which runs evaluate during training (eval loss + mechanism curves, ~1 min each on 2 cores): ThanoRA's on
+    seed 0; the others write the mechanism at the end only (final/mechanism.json)."""
+    return job["seed"] == 0 and job["method"] != "lora" and not job.get("task")
+
+
 def run_config(job: dict, work: Path, cache: Path) -> dict:
     tasks = [job["task"]] if job.get("task") else list(TASKS)
     steps = steps_per_epoch(tasks)
@@ -130,7 +136,8 @@ def run_config(job: dict, work: Path, cache: Path) -> dict:
         "train": {"output_dir": str(work), "micro_batch_size": SETTINGS["micro_batch_size"], "num_epochs": 1,
                   "lr": job["lr"], "warmup_steps": max(1, round(SETTINGS["warmup_ratio"] * steps)), "seed": job["seed"],
                   "save_every": 0, "keep_last": 1, "log_every": 1, "preview_batch_size": 16, "report_to": [],
-                  "eval_every": max(1, steps // SETTINGS["evals_during_training"]), "resume": "auto"},
+                  "eval_every": max(1, steps // SETTINGS["evals_during_training"]) if curves(job) else 0,
+                  "resume": "auto"},
         "deepspeed": {"config": "ds_configs/zero2.json"},
     }
 
@@ -162,7 +169,12 @@ def run_job(spec_path: str) -> int:
         return 1
     result = {"job": job, "name": spec["name"], "commit": spec["commit"], "train_seconds": time.time() - t0,
               "timings": json.loads((work / "timings.json").read_text())}
-    result["curve"] = [json.loads(line) for line in (work / "eval.jsonl").read_text().splitlines() if line.strip()]
+    curve = work / "eval.jsonl"
+    result["curve"] = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()] if curve.is_file() else []
+    final = json.loads((work / "final" / "mechanism.json").read_text()) if (work / "final" / "mechanism.json").is_file() else None
+    if final:
+        from thanora_ds.mechanism import summarize
+        result["mechanism_final"] = summarize(final["layers"], final["tasks"])
     metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
     result["train"] = {k: [m[k] for m in metrics] for k in ("task_loss", "spr", "grad_norm")}
     alloc = json.loads((work / "allocation.json").read_text())

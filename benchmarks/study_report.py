@@ -110,7 +110,7 @@ def write_report(results: Path, runs: dict) -> None:
                   "| lambda | mean eval loss | mean score | final SPR | eff. rank of s·B·A | update overlap | "
                   "row overlap (A) | col overlap (B) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for lam, r in lam_rows:
-            end = r["curve"][-1]
+            end = r.get("mechanism_final") or (r["curve"][-1] if r["curve"] else {})
             lines.append(f"| {lam:g} | {mean_loss(r):.4f} | {mean_score(r):.3f} | {r['train']['spr'][-1]:.4g} | "
                          f"{end.get('mech/effective_rank', float('nan')):.2f} | {end.get('mech/update_overlap', 0):.4f} | "
                          f"{end.get('mech/row_overlap', 0):.4f} | {end.get('mech/col_overlap', 0):.4f} |")
