@@ -408,6 +408,9 @@ def base_model_class(base_path: str | Path) -> tuple[str, str] | None:
 def export_adapter(ckpt: RunCheckpoint, base_path: str | Path, out_dir: str | Path,
                    allow_other_weights: bool = False) -> dict:
     """PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for the ORIGINAL base model."""
+    if not ckpt.lora:
+        raise ExportError(f"{ckpt.path}: the run trained no adapters (train.adapters: false, the projector alone): "
+                          "there is no LoRA to export; merge it instead (launchers/merge.py without --adapter-only)")
     base = BaseWeights(base_path)
     check_base(ckpt, base, allow_other_weights)
     th = ckpt.thanora
@@ -432,7 +435,8 @@ def build_adapted_model(ckpt: RunCheckpoint, base_path: str | Path | None = None
     check_base(ckpt, BaseWeights(base_path))
     cls = AutoModelForImageTextToText if is_multimodal(base_path) else AutoModelForCausalLM
     model = cls.from_pretrained(base_path, dtype=dtype, attn_implementation=attn_implementation)
-    adapters = inject_thanora(model, ckpt.thanora, len(ckpt.allocation.tasks))
+    trained_adapters = ((ckpt.config.get("train") or {}).get("adapters", True)) and bool(ckpt.allocation.layers)
+    adapters = inject_thanora(model, ckpt.thanora, len(ckpt.allocation.tasks), adapters=trained_adapters)
     ckpt.allocation.apply(adapters)
     for name, adapter in adapters.items():
         if name in ckpt.corda:

@@ -58,12 +58,29 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def inject_thanora(model: nn.Module, cfg: ThanoraConfig, num_tasks: int) -> dict[str, ThanoraLinear]:
+def train_projector_only(model: nn.Module) -> dict[str, ThanoraLinear]:
+    """``train.adapters: false`` (LLaVA-1.5's stage 1): freeze everything but the multimodal projector, inject
+    nothing; returns the (empty) adapters."""
+    projector = multimodal_projector(model)
+    if projector is None:
+        raise ConfigError("train.adapters: false trains the multimodal projector alone, but the model has none "
+                          "(a text-only model?)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in projector.parameters():
+        p.requires_grad_(True)
+    return {}
+
+
+def inject_thanora(model: nn.Module, cfg: ThanoraConfig, num_tasks: int, adapters: bool = True) -> dict[str, ThanoraLinear]:
     """Freeze the model, wrap every target linear in a ThanoraLinear, return them by module name.
 
     Adapters start as a plain LoRA (A Kaiming-uniform as PEFT/nn.Linear, B = 0) from a seeded generator, so all
     ranks build identical values; the initializer later replaces the task blocks and sets the split.
+    ``adapters=False`` (``train.adapters``): no adapters, only the projector trains (``train_projector_only``).
     """
+    if not adapters:
+        return train_projector_only(model)
     cfg.validate(num_tasks)
     targets = find_targets(model, cfg.targets)
     for p in model.parameters():
@@ -72,7 +89,7 @@ def inject_thanora(model: nn.Module, cfg: ThanoraConfig, num_tasks: int) -> dict
     uniform = [(cfg.rank - shared) // num_tasks] * num_tasks
     for t in range((cfg.rank - shared) % num_tasks):
         uniform[t] += 1
-    adapters: dict[str, ThanoraLinear] = {}
+    wrapped: dict[str, ThanoraLinear] = {}
     for index, (name, linear) in enumerate(targets):
         d_out, d_in = full_shape(linear.weight)
         adapter = ThanoraLinear(linear, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, uniform + [shared],
@@ -85,14 +102,14 @@ def inject_thanora(model: nn.Module, cfg: ThanoraConfig, num_tasks: int) -> dict
         if cfg.spr_lambda > 0:
             adapter.enable_spr(cfg.spr_normalize, cfg.spr_terms)
         _set_submodule(model, name, adapter)
-        adapters[name] = adapter
+        wrapped[name] = adapter
     projector = multimodal_projector(model)
     if cfg.train_projector:
         if projector is None:
             raise ConfigError("thanora.train_projector: the model has no multimodal projector")
         for p in projector.parameters():
             p.requires_grad_(True)
-    return adapters
+    return wrapped
 
 
 def thanora_modules(model: nn.Module) -> dict[str, ThanoraLinear]:

@@ -51,6 +51,9 @@ class TrainingConfig:
     num_epochs: int | None = None         # passes over the training mixture (the sampler's epoch), see README
     lr: float = 2e-4
     projector_lr: float | None = None     # default: lr
+    # false: no adapters are injected and HASI is skipped; only the multimodal projector trains (needs
+    # thanora.train_projector: true), the language model and vision tower frozen: LLaVA-1.5's stage 1
+    adapters: bool = True
     weight_decay: float = 0.0
     warmup_steps: int = 10
     min_lr_ratio: float = 0.0             # cosine decays to lr * min_lr_ratio
@@ -166,6 +169,9 @@ class TrainConfig:
                               "save one with save_pretrained)")
         if m.processor_path and not Path(m.processor_path).is_dir():
             raise ConfigError(f"model.processor_path: {m.processor_path} is not a directory")
+        from .models.llava import check_supported
+
+        check_supported(m.path, "model.path")
         if m.dtype not in DTYPES:
             raise ConfigError(f"model.dtype: unknown value {m.dtype!r}; choose one of {list(DTYPES)}")
         if m.attn_implementation not in ATTENTION:
@@ -210,6 +216,12 @@ class TrainConfig:
         for name, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
             if name in t.report_to and importlib.util.find_spec(module) is None:
                 raise ConfigError(f"train.report_to: {name} is not installed (pip install -e .[trackers])")
+        if not t.adapters and not self.thanora.train_projector:
+            raise ConfigError("train.adapters: false leaves nothing to train unless thanora.train_projector is true "
+                              "(projector-only training, LLaVA stage 1)")
+        if not t.adapters and not has_vision_config(m.path):
+            raise ConfigError(f"train.adapters: false trains the multimodal projector alone, but {m.path} is not a "
+                              "multimodal (LLaVA) model: it has no projector")
         if self.thanora.train_projector is False and t.projector_lr is not None:
             raise ConfigError("train.projector_lr: set, but thanora.train_projector is false")
         self.thanora.validate()
@@ -249,6 +261,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def has_vision_config(path: str) -> bool:
+    """Whether a model folder's config.json describes a multimodal (LLaVA-style) model, without loading it."""
+    import json
+
+    try:
+        return bool(json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("vision_config"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         run_config, model_path, processor_path, checkpoint = describe(args)
+        from thanora_ds.models.llava import check_supported
+
+        check_supported(model_path, "--model" if args.model else "the checkpoint's model.path")
         cfg = data_config(args, run_config)
         tokenizer, processor = load_processor(ModelConfig(path=model_path, processor_path=processor_path))
         data = build_multitask_data(cfg, tokenizer=None if processor else tokenizer, processor=processor)

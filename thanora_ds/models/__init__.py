@@ -1,0 +1,1 @@
+"""Model-family specifics (what one family needs that the generic code paths do not)."""
