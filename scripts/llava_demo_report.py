@@ -58,6 +58,35 @@ def accuracy_table(out: Path) -> tuple[str, dict]:
     return "\n".join(lines), table
 
 
+def closed_set_table(out: Path) -> tuple[str, dict]:
+    """The image tasks scored a second way from the saved predictions: the answer the prediction NAMES among the
+    task's answers (the multiple_choice scorer: "A blue rectangle." to "What color is it?" counts as blue), beside
+    the strict exact match of the run's config. Stage 1 never learned one-word answers; this column shows what its
+    aligned projector lets the frozen language model see."""
+    from thanora_ds.scorers import score_task
+
+    lines = ["| task | " + " | ".join(label for name, label in STAGES if (out / "eval" / name).is_dir()) + " |",
+             "|---|" + "---:|" * sum(1 for name, _ in STAGES if (out / "eval" / name).is_dir())]
+    table: dict = {}
+    for task in IMAGE_TASKS:
+        row = []
+        for name, _ in STAGES:
+            path = out / "eval" / name / "predictions.jsonl"
+            if not (out / "eval" / name).is_dir():
+                continue
+            preds = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+            preds = [x for x in preds if x["task"] == task]
+            if not preds:
+                row.append("-")
+                continue
+            scores = score_task("multiple_choice", [x["prediction"] for x in preds], [x["reference"] for x in preds],
+                                None, task)
+            table.setdefault(name, {})[task] = sum(scores) / len(scores)
+            row.append(f"{table[name][task]:.3f}")
+        lines.append(f"| {task} | " + " | ".join(row) + " |")
+    return "\n".join(lines), table
+
+
 def step_times(run: Path) -> dict | None:
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
@@ -198,9 +227,12 @@ def main(argv=None) -> int:
         if (out / "timings.jsonl").is_file() else []
     runs = {name: step_times(out / name) for name in ("stage1", "stage2_thanora", "stage2_lora")}
     alloc = allocation_summary(out)
-    report = {"scores": scores, "timings": timings, "runs": runs}
+    closed, closed_scores = closed_set_table(out)
+    report = {"scores": scores, "closed_set_scores": closed_scores, "timings": timings, "runs": runs}
     md = ["# LLaVA demo report", "", "Per-task accuracy (exact match; sentiment: multiple choice) on held-out "
-          "questions: image tasks on easy-VQA test images no stage trained on.", "", table, ""]
+          "questions: image tasks on easy-VQA test images no stage trained on.", "", table, "",
+          "Image tasks, the answer the prediction names among the task's answers (multiple-choice mapping of the "
+          "same predictions):", "", closed, ""]
     md += ["## Timings", "", "| step | seconds |", "|---|---:|"] + [f"| {t['step']} | {t['seconds']} |" for t in timings]
     md += ["", "| run | steps | median step s | HASI s | first / last loss |", "|---|---:|---:|---:|---|"]
     for name, r in runs.items():
