@@ -92,7 +92,7 @@ def default_cache_dir() -> str:
 
 
 @dataclass
-class Encoded:
+class EncodedData:
     """The result of validation and tokenization, before splitting: what one cache entry holds."""
 
     tasks: list[str]                      # task names; items' task_id index this list
@@ -234,7 +234,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(entry: Path, enc: Encoded, parts: Optional[dict] = None) -> bool:
+def save(entry: Path, enc: EncodedData, parts: Optional[dict] = None) -> bool:
     """Write `enc` as the entry `entry` atomically; True if written (False, with a warning, if it cannot be)."""
     from safetensors.numpy import save_file
 
@@ -330,7 +330,7 @@ def _memmap_tensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def load(entry: Path) -> Optional[Encoded]:
+def load(entry: Path) -> Optional[EncodedData]:
     """The entry's data, or None: silently if there is no entry, with a warning if it is damaged or an image it
     names has changed since."""
     if not (entry / MANIFEST).exists():
@@ -364,7 +364,7 @@ def load(entry: Path) -> Optional[Encoded]:
                        len(changed), entry, ", ".join(changed[:3]))
         return None
     sources = table["sources"]
-    return Encoded(
+    return EncodedData(
         tasks=table["tasks"], ids=tensors["input_ids"], labels=tensors["labels"], offsets=offsets,
         task_id=table["task_id"], record_id=table["record_id"], source=[sources[i] for i in table["source"]],
         images=[[paths[i] for i in imgs] for imgs in table["images"]], content_start=table["content_start"],
@@ -386,7 +386,7 @@ class CacheInfo:
     seconds: float = 0.0
 
 
-def cached(cfg: DataConfig, tokenizer, processor, build: Callable[[], Encoded]) -> tuple[Encoded, CacheInfo]:
+def cached(cfg: DataConfig, tokenizer, processor, build: Callable[[], EncodedData]) -> tuple[EncodedData, CacheInfo]:
     """`build()`'s result through the cache (see the module docstring for the protocol). Every rank calls it."""
     from .. import distributed as D
 
@@ -398,14 +398,14 @@ def cached(cfg: DataConfig, tokenizer, processor, build: Callable[[], Encoded]) 
     root = Path(cfg.cache_dir or default_cache_dir())
     entry = root / key
 
-    def build_and_save(status: str) -> tuple[Encoded, CacheInfo]:
+    def build_and_save(status: str) -> tuple[EncodedData, CacheInfo]:
         enc = build()
         saved = save(entry, enc, parts)
         if saved:
             logger.info("data cache: built and saved %s (%d examples)", entry, len(enc))
         return enc, CacheInfo(status if saved else "built-unsaved", str(entry), time.time() - t0)
 
-    def hit(enc: Encoded) -> tuple[Encoded, CacheInfo]:
+    def hit(enc: EncodedData) -> tuple[EncodedData, CacheInfo]:
         info = CacheInfo("hit", str(entry), time.time() - t0)
         logger.info("data cache: loaded %s (%d examples, %.1fs)", entry, len(enc), info.seconds)
         return enc, info

@@ -9,11 +9,14 @@ each conversation prefix as a text prefix that tokenizes to a token prefix; that
 every record, never assumed.
 
 LLaVA: the processor's template renders `<image>` (one token), the tokenizer gives the labels on
-that unexpanded sequence, then the processor itself expands each image token to the number of
-features its vision tower yields; labels are carried over token by token (image tokens get
--100), and the non-image tokens of both sequences are checked to be identical. Pixel values are
-not kept here: `ExampleList` computes them on access (as LLaVA's own lazy dataset does), so
-memory holds token ids only.
+that unexpanded sequence, then each image token is expanded to the number of features the vision
+tower yields; labels are carried over token by token (image tokens get -100). Where the processor's
+configuration fixes that number (LLaVA-1.5; `image_tokens.py`) the expansion is done from it without
+decoding any image, after checking it once, on the first image record, against the processor's own
+expansion (identical token ids and labels, or an error). Otherwise (anyres, sizes that vary) every
+image is decoded and the processor itself expands it, and the non-image tokens of both sequences are
+checked to be identical. Pixel values are not kept here: `ExampleList` computes them on access (as
+LLaVA's own lazy dataset does), so memory holds token ids only.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import DataValidationError, Problem, RecordProblem
+from .image_tokens import fixed_image_token_count
 from .records import IMAGE_PLACEHOLDER, Record
 
 IGNORE_INDEX = -100
@@ -50,6 +54,10 @@ class Encoder:
             self.image_token_id = getattr(processor, "image_token_id", None)
             if self.image_token_id is None:
                 self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        # tokens per image from the processor's configuration (None: not fixed, each image through the processor),
+        # trusted only once the processor's real expansion of one record agreed with it
+        self.image_tokens, self.image_tokens_reason = fixed_image_token_count(processor)
+        self.image_tokens_checked = False
         renderer = processor if processor is not None and getattr(processor, "chat_template", None) else self.tokenizer
         if not getattr(renderer, "chat_template", None):
             raise ValueError("the tokenizer/processor has no chat_template; set one (Jinja) before building data")
@@ -163,6 +171,35 @@ class Encoder:
         return len(ids)
 
     def _expand_images(self, full_text: str, ids: list[int], labels: list[int], rec: Record):
+        if self.image_tokens is not None and self.image_tokens_checked:
+            return self._expand_by_count(ids, labels, rec)
+        expanded, new_labels = self._expand_by_processor(full_text, ids, labels, rec)
+        if self.image_tokens is not None:  # the first image record: the configured count against the real one
+            if self._expand_by_count(ids, labels, rec) != (expanded, new_labels):
+                real = expanded.count(self.image_token_id) / max(1, ids.count(self.image_token_id))
+                raise ValueError(
+                    f"{self.image_tokens} image tokens per image from the processor's configuration, but the processor "
+                    f"itself expands an image to {real:g} ({rec.source}, id={rec.id!r}): thanora_ds/data/"
+                    f"image_tokens.py gets {type(self.processor).__name__} wrong; nothing was labelled with it")
+            self.image_tokens_checked = True
+        return expanded, new_labels
+
+    def _expand_by_count(self, ids: list[int], labels: list[int], rec: Record):
+        tok, n = self.image_token_id, self.image_tokens
+        if ids.count(tok) != len(rec.images):
+            raise RecordProblem("image", f"the template rendered {ids.count(tok)} image token(s) for "
+                                         f"{len(rec.images)} image(s)")
+        out_ids, out_labels = [], []
+        for t, label in zip(ids, labels):
+            if t == tok:
+                out_ids += [tok] * n
+                out_labels += [IGNORE_INDEX] * n
+            else:
+                out_ids.append(t)
+                out_labels.append(label)
+        return out_ids, out_labels
+
+    def _expand_by_processor(self, full_text: str, ids: list[int], labels: list[int], rec: Record):
         try:
             images = [load_image(p, self.processor, self.pad_to_square) for p in rec.images]
         except ImageDecodeError as err:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import CacheInfo, Encoded, cached, image_stat
+from .cache import CacheInfo, EncodedData, cached, image_stat
 from .config import DataConfig
 from .encode import Encoder, pixel_values_for
 from .errors import DataValidationError, Problem, RecordProblem
@@ -190,7 +190,7 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
                          info)
 
 
-def _encode_all(cfg: DataConfig, tokenizer, processor) -> Encoded:
+def _encode_all(cfg: DataConfig, tokenizer, processor) -> EncodedData:
     """Read and validate every record and tokenize every valid one: what a cache entry holds (the problem log is
     not finished here; the caller does that, from a fresh build and from a cached one alike)."""
     loaded = load_records(cfg, _defer=True)
@@ -218,7 +218,7 @@ def _encode_all(cfg: DataConfig, tokenizer, processor) -> Encoded:
             images.append(list(rec.images))
             content_start.append(int(enc.content_start))
     checked = set(loaded.image_checks) | {p for imgs in images for p in imgs}
-    return Encoded(
+    return EncodedData(
         tasks=names, ids=np.frombuffer(ids, dtype=np.int32) if ids else np.zeros(0, np.int32),
         labels=np.frombuffer(labels, dtype=np.int32) if labels else np.zeros(0, np.int32),
         offsets=np.asarray(offsets, dtype=np.int64), task_id=task_ids, record_id=record_ids, source=sources,
