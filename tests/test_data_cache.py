@@ -26,7 +26,7 @@ from thanora_ds.data import DataConfig, build_multitask_data
 from thanora_ds.data.cache import MANIFEST, RECORDS, TOKENS, prune
 from thanora_ds.data.image_tokens import fixed_image_token_count
 from thanora_ds.typed_config import ConfigError
-from tiny_assets import IMAGE_TOKENS_PER_IMAGE, make_llama_tokenizer, make_llava_processor
+from tiny_assets import IMAGE_TOKENS_PER_IMAGE, LLAVA_HF_CHAT_TEMPLATE, make_llama_tokenizer, make_llava_processor
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +243,19 @@ def test_configured_image_token_count_is_the_processors_real_expansion(tmp_path,
     for size in ((40, 30), (28, 28), (13, 90)):                     # any input size: resized and centre-cropped
         out = proc(text=["<image>"], images=[Image.new("RGB", size)], add_special_tokens=False)
         assert list(out["input_ids"][0]).count(proc.image_token_id) == count
+
+
+@pytest.mark.parametrize("variant", ["chatml", "llava_hf_pad"])
+def test_configured_count_gives_what_the_per_image_path_gives(tmp_path, proc, monkeypatch, variant):
+    settings = {"cache": False}
+    if variant == "llava_hf_pad":  # USER/ASSISTANT template (EOS appended) and LLaVA-1.5's pad to square
+        proc = make_llava_processor(tmp_path / "hf", chat_template=LLAVA_HF_CHAT_TEMPLATE)
+        settings["image_aspect_ratio"] = "pad"
+    path = write_llava(tmp_path, n_images=8, n_text=2)
+    fast = build_multitask_data(config(tmp_path, path, **settings), processor=proc)
+    monkeypatch.setattr(encode, "fixed_image_token_count", lambda p: (None, "forced"))
+    slow = build_multitask_data(config(tmp_path, path, **settings), processor=proc)
+    assert every_example(fast) == every_example(slow) and fast.skipped == slow.skipped
 
 
 def test_count_not_fixed_is_said_and_a_wrong_formula_fails_loudly(tmp_path, proc, monkeypatch):
