@@ -95,6 +95,7 @@ def run_fingerprint(cfg: TrainConfig, tasks: list[str]) -> dict:
         "thanora": {k: getattr(th, k) for k in ("rank", "alpha", "rslora", "targets", "shared_rank", "mode",
                                                   "train_projector")},
         "dtype": cfg.model.dtype,
+        **({"adapters": False} if not cfg.train.adapters else {}),   # projector-only runs (LLaVA stage 1)
     }
 
 
@@ -187,7 +188,7 @@ class Trainer:
         model = load_model(cfg.model, self.ds_config)
         self.partition = D.partition_sizes(model.parameters())
         log.info("model loaded: %d parameters, %d held by this rank", *self.partition)
-        self.adapters = inject_thanora(model, cfg.thanora, len(self.tasks))
+        self.adapters = inject_thanora(model, cfg.thanora, len(self.tasks), adapters=cfg.train.adapters)
         optimizer = torch.optim.AdamW(self._param_groups(model), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                       eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
         scheduler = cosine_schedule(optimizer, cfg.train.warmup_steps, self.max_steps, cfg.train.min_lr_ratio)
@@ -237,7 +238,7 @@ class Trainer:
         projector = multimodal_projector(model)
         proj_ids = {id(p) for p in projector.parameters()} if projector is not None else set()
         adapters = [p for p in model.parameters() if p.requires_grad and id(p) not in proj_ids]
-        groups = [{"params": adapters, "lr": cfg.train.lr}]
+        groups = [{"params": adapters, "lr": cfg.train.lr}] if adapters else []   # none with train.adapters: false
         proj = [p for p in model.parameters() if p.requires_grad and id(p) in proj_ids]
         if proj:
             groups.append({"params": proj, "lr": cfg.train.projector_lr or cfg.train.lr})
@@ -289,6 +290,15 @@ class Trainer:
     def _initialize_subspaces(self) -> None:
         cfg = self.cfg
         t0 = time.time()
+        if not self.adapters:  # train.adapters: false: nothing to initialize; an empty allocation keeps the files
+            th = cfg.thanora
+            self.allocation = Allocation(list(self.tasks), th.mode, th.allocation, th.spectrum, th.tau, th.rank, 0, 0,
+                                         [], [], [], [])
+            if D.is_main():
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.allocation.save(self.out / "allocation.json")
+            log.info("train.adapters: false: no adapters, no HASI; training the multimodal projector alone")
+            return
         previews = [list(self.data.preview[t]) for t in self.tasks]
         image_token = getattr(self.processor, "image_token_id", None) if self.processor is not None else None
         prefix = common_prefix_length([ex["input_ids"] for exs in previews for ex in exs], image_token)
@@ -507,7 +517,7 @@ class Trainer:
     def mechanism_summary(self) -> dict:
         from .mechanism import summarize
 
-        return summarize(self.mechanism(), self.tasks) if len(self.tasks) > 1 else {}
+        return summarize(self.mechanism(), self.tasks) if len(self.tasks) > 1 and self.adapters else {}
 
     def _check_weights(self, step: int) -> None:
         """After the optimizer step: a non-finite trainable weight stops the run before anything is saved, so the
@@ -541,7 +551,7 @@ class Trainer:
         cfg = self.cfg
         self.engine.train()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True) if D.is_main() else None
-        if cfg.train.eval_every and self.step == 0 and len(self.tasks) > 1:
+        if cfg.train.eval_every and self.step == 0 and len(self.tasks) > 1 and self.adapters:
             mech = {"step": 0, **self.mechanism_summary()}   # the subspaces as HASI left them
             if D.is_main():
                 with open(self.out / "eval.jsonl", "a") as f:
@@ -618,7 +628,7 @@ class Trainer:
             final.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(final / "adapter_weights.safetensors"))
             self.allocation.save(final / "allocation.json")
-            if len(self.tasks) > 1:
+            if len(self.tasks) > 1 and self.adapters:
                 from .mechanism import layer_metrics
 
                 per_layer = {name: layer_metrics(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"],
