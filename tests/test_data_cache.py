@@ -179,7 +179,7 @@ def test_damaged_entries_are_rebuilt_with_a_warning(tmp_path, proc, caplog):
     damage_and_rebuild(lambda: tokens.write_bytes(tokens.read_bytes()[: tokens.stat().st_size // 2]), "truncated")
     data = bytearray(tokens.read_bytes())
     data[-5] ^= 0xFF
-    damage_and_rebuild(lambda: tokens.write_bytes(bytes(data)), "sha256 differs")
+    damage_and_rebuild(lambda: tokens.write_bytes(bytes(data)), "checksum differs")
     damage_and_rebuild(lambda: (entry / RECORDS).write_text("{"), "damaged")
     damage_and_rebuild(lambda: (entry / MANIFEST).unlink(), "no manifest")
     damage_and_rebuild(lambda: (entry / MANIFEST).write_text("not json"), "damaged")
@@ -332,3 +332,29 @@ def test_two_ranks_build_it_once(tmp_path):
     assert [r["encoded"] for r in second] == [0, 0] and [r["status"] for r in second] == ["hit", "hit"]
     assert first[0]["first"] == first[1]["first"] == second[0]["first"]
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_token_store_gives_back_exactly_what_was_added():
+    import random
+
+    from thanora_ds.data.tokens import TokenStoreBuilder
+
+    rng, image = random.Random(0), 7
+    rows = []
+    for _ in range(200):
+        ids = []
+        for _ in range(rng.randint(0, 5)):       # text pieces and image runs, adjacent runs and runs at either end
+            ids += [image] * rng.choice([0, 1, 4, 576]) + [rng.randint(8, 900) for _ in range(rng.randint(0, 6))]
+        labels = [-100 if t == image or rng.random() < 0.5 else t for t in ids]
+        rows.append((ids, labels))
+    builder = TokenStoreBuilder(image)
+    for ids, labels in rows:
+        builder.add(ids, labels)
+    store = builder.finish()
+    store.check()
+    assert [store.row(i) for i in range(len(rows))] == rows
+    assert store.tokens() == sum(len(ids) for ids, _ in rows) and len(store.input_ids) < store.tokens() / 10
+    with pytest.raises(ValueError, match="neither its token nor -100"):
+        builder.add([1, 2], [1, 5])
+    with pytest.raises(ValueError, match="image token carries a label"):
+        builder.add([image], [image])

@@ -21,12 +21,9 @@ workers instead (forked workers share the token arrays).
 from __future__ import annotations
 
 import logging
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from .cache import CacheInfo, EncodedData, cached, image_stat
 from .config import DataConfig
@@ -35,6 +32,7 @@ from .errors import DataValidationError, Problem, RecordProblem
 from .records import line_index, load_records, problem_for
 from .sampler import MixtureSampler
 from .splits import split_indices
+from .tokens import TokenStore, TokenStoreBuilder
 
 logger = logging.getLogger("thanora_ds.data")
 
@@ -49,25 +47,10 @@ class _Item:
     content_start: int = 0
 
 
-class TokenStore:
-    """Token ids and labels of all examples, concatenated in flat int32 arrays (memory maps of the cache entry on
-    a cached start, so the ranks of a node share one copy) with row offsets."""
-
-    def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray):
-        self.ids, self.labels, self.offsets = ids, labels, offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def row(self, i: int) -> tuple[list[int], list[int]]:
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.ids[a:b].tolist(), self.labels[a:b].tolist()
-
-
 class ExampleList(Sequence):
     """A split of one task. Items are dicts (`input_ids`, `labels`, `task_id`, `id`, `content_start`, and
-    `pixel_values` [n_images, C, H, W] when the record has images). Token ids are held in one flat array per
-    data set; pixel values are computed on access from the image files, so a large image set costs no RAM."""
+    `pixel_values` [n_images, C, H, W] when the record has images). Token ids are held compactly in one
+    `TokenStore` per data set (memory maps of the cache entry on a cached start); pixel values are computed on access from the image files, so a large image set costs no RAM."""
 
     def __init__(self, items: list[_Item], store: TokenStore, processor=None, pad_to_square: bool = False):
         self._items, self._store, self._processor, self._pad = items, store, processor, pad_to_square
@@ -139,7 +122,7 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before building data")
     enc, info = cached(cfg, tokenizer, processor, lambda: _encode_all(cfg, tokenizer, processor))
     skipped = enc.log.finish(cfg.skip_invalid)
-    store = TokenStore(enc.ids, enc.labels, enc.offsets)
+    store = enc.store
     names = enc.tasks
     encoded: dict[str, list[_Item]] = {t: [] for t in names}
     for row, task_id in enumerate(enc.task_id):
@@ -197,7 +180,7 @@ def _encode_all(cfg: DataConfig, tokenizer, processor) -> EncodedData:
     log = loaded.problems
     encoder = Encoder(tokenizer, processor, cfg.max_length, cfg.image_aspect_ratio == "pad")
     lines = line_index()
-    ids, labels, offsets = array("i"), array("i"), [0]
+    tokens = TokenStoreBuilder(encoder.image_token_id)
     task_ids, record_ids, sources, images, content_start = [], [], [], [], []
     truncated: dict[str, int] = {}
     names = [t for t, recs in loaded.by_task.items() if recs or t in cfg.tasks]
@@ -209,9 +192,7 @@ def _encode_all(cfg: DataConfig, tokenizer, processor) -> EncodedData:
                 log.add(problem_for(rec, p.field, p.message, lines))
                 continue
             truncated[task] = truncated.get(task, 0) + enc.truncated
-            ids.extend(enc.input_ids)
-            labels.extend(enc.labels)
-            offsets.append(len(ids))
+            tokens.add(enc.input_ids, enc.labels)
             task_ids.append(task_id)
             record_ids.append(rec.id)
             sources.append(rec.source)
@@ -219,9 +200,7 @@ def _encode_all(cfg: DataConfig, tokenizer, processor) -> EncodedData:
             content_start.append(int(enc.content_start))
     checked = set(loaded.image_checks) | {p for imgs in images for p in imgs}
     return EncodedData(
-        tasks=names, ids=np.frombuffer(ids, dtype=np.int32) if ids else np.zeros(0, np.int32),
-        labels=np.frombuffer(labels, dtype=np.int32) if labels else np.zeros(0, np.int32),
-        offsets=np.asarray(offsets, dtype=np.int64), task_id=task_ids, record_id=record_ids, source=sources,
+        tasks=names, store=tokens.finish(), task_id=task_ids, record_id=record_ids, source=sources,
         images=images, content_start=content_start, truncated=truncated, log=log,
         image_stat={p: image_stat(p) for p in sorted(checked)},
     )
