@@ -305,7 +305,9 @@ RANK_SCRIPT = textwrap.dedent("""
     encode.Encoder.encode = counted
     folder = sys.argv[1]
     tok = AutoTokenizer.from_pretrained(os.path.join(folder, "tok"))
-    cfg = DataConfig.from_dict({"sources": ["d.jsonl"], "cache_dir": "cache"}, folder)
+    # "local": a cache folder per rank, as a node-local folder is for the ranks of other nodes
+    cache = f"cache-{dist.get_rank()}" if sys.argv[2] == "local" else "cache"
+    cfg = DataConfig.from_dict({"sources": ["d.jsonl"], "cache_dir": cache}, folder)
     data = build_multitask_data(cfg, tokenizer=tok)
     out = {"rank": dist.get_rank(), "encoded": calls[0], "status": data.cache.status,
            "first": data.train[data.tasks[0]][0]["input_ids"]}
@@ -321,7 +323,7 @@ def test_two_ranks_build_it_once(tmp_path):
                                               + "\n" for i in range(30)))
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)
     results = {}
-    for run in ("first", "second"):
+    for run in ("first", "second", "local"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", str(tmp_path / "rank.py"), str(tmp_path), run]
         proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
@@ -332,6 +334,9 @@ def test_two_ranks_build_it_once(tmp_path):
     assert [r["encoded"] for r in second] == [0, 0] and [r["status"] for r in second] == ["hit", "hit"]
     assert first[0]["first"] == first[1]["first"] == second[0]["first"]
     assert len(list((tmp_path / "cache").iterdir())) == 1
+    # a rank that cannot see rank 0's entry builds it itself (with a warning) instead of failing or waiting forever
+    assert [r["status"] for r in results["local"]] == ["built", "built-here"]
+    assert [r["encoded"] for r in results["local"]] == [30, 30]
 
 
 def test_token_store_gives_back_exactly_what_was_added():
@@ -358,3 +363,20 @@ def test_token_store_gives_back_exactly_what_was_added():
         builder.add([1, 2], [1, 5])
     with pytest.raises(ValueError, match="image token carries a label"):
         builder.add([image], [image])
+
+
+def test_the_train_command_builds_once_and_a_requeue_loads_it(tmp_path):
+    """launchers/train.py --check on 2 ranks, twice (a requeue): the trainer needs no change to use the cache."""
+    import yaml
+
+    from run_fixtures import launch, make_run
+
+    config = make_run(tmp_path, llava=True)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    config.write_text(yaml.safe_dump(cfg))
+    first, second = (launch(config, 2, "--check") for _ in range(2))
+    first, second = first.stdout + first.stderr, second.stdout + second.stderr
+    assert "data cache: built and saved" in first and "data cache: loaded" not in first
+    assert "data cache: loaded" in second and "data cache: built" not in second
+    assert len(list((tmp_path / "cache").iterdir())) == 1
