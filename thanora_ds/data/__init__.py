@@ -1,5 +1,7 @@
-"""Multi-task data for ThanoRA: loading and validation (`records`), tokenization (`encode`),
-per-task splits (`splits`), mixing across tasks and ranks (`sampler`), batching (`collate`).
+"""Multi-task data for ThanoRA: loading and validation (`records`), tokenization (`encode`; image token
+counts from the processor's configuration: `image_tokens`), compact token storage (`tokens`), the on-disk
+cache of all that (`cache`: a restart reads, decodes and tokenizes nothing), per-task splits (`splits`),
+mixing across tasks and ranks (`sampler`), batching (`collate`).
 
 Typical use::
 
