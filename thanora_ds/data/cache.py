@@ -128,6 +128,18 @@ def image_stat(path: str) -> Optional[list[int]]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def image_stats(paths: list[str]) -> list[Optional[list[int]]]:
+    """`image_stat` of every path, in threads: a stat waits on the filesystem (a network round trip on NFS or
+    Lustre) with the GIL released, so hundreds of thousands of them overlap."""
+    if len(paths) < 4096:
+        return [image_stat(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [paths[i:i + 2048] for i in range(0, len(paths), 2048)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return [s for part in pool.map(lambda c: [image_stat(p) for p in c], chunks) for s in part]
+
+
 def tokenizer_digest(tok) -> str:
     h = hashlib.sha256(type(tok).__name__.encode())
     backend = getattr(tok, "backend_tokenizer", None)
@@ -362,7 +374,7 @@ def load(entry: Path) -> Optional[EncodedData]:
         logger.warning("data cache: %s is damaged (%s); rebuilding it", entry, err)
         return None
     paths, stats = table["image_paths"], table["image_stat"]
-    changed = [p for p, s in zip(paths, stats) if image_stat(p) != s]
+    changed = [p for p, s, now in zip(paths, stats, image_stats(paths)) if now != s]
     if changed:
         logger.warning("data cache: %d image(s) changed or disappeared since %s was built (e.g. %s); rebuilding it",
                        len(changed), entry, ", ".join(changed[:3]))

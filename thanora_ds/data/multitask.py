@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cache import CacheInfo, EncodedData, cached, image_stat
+from .cache import CacheInfo, EncodedData, cached, image_stats
 from .config import DataConfig
 from .encode import Encoder, pixel_values_for
 from .errors import DataValidationError, Problem, RecordProblem
@@ -202,7 +202,7 @@ def _encode_all(cfg: DataConfig, tokenizer, processor) -> EncodedData:
     return EncodedData(
         tasks=names, store=tokens.finish(), task_id=task_ids, record_id=record_ids, source=sources,
         images=images, content_start=content_start, truncated=truncated, log=log,
-        image_stat={p: image_stat(p) for p in sorted(checked)},
+        image_stat=dict(zip(sorted(checked), image_stats(sorted(checked)))),
     )
 
 
