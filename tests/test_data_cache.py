@@ -184,6 +184,15 @@ def test_damaged_entries_are_rebuilt_with_a_warning(tmp_path, proc, caplog):
     damage_and_rebuild(lambda: (entry / MANIFEST).unlink(), "no manifest")
     damage_and_rebuild(lambda: (entry / MANIFEST).write_text("not json"), "damaged")
 
+    def consistent_but_wrong():  # a table that passes the checksum (manifest updated) but lacks its columns
+        import xxhash
+
+        (entry / RECORDS).write_text("{}")
+        manifest = json.loads((entry / MANIFEST).read_text())
+        manifest["files"][RECORDS] = {"size": 2, "xxh3_128": xxhash.xxh3_128(b"{}").hexdigest()}
+        (entry / MANIFEST).write_text(json.dumps(manifest))
+    damage_and_rebuild(consistent_but_wrong, "damaged")
+
 
 def test_a_changed_or_fixed_image_rebuilds(tmp_path, proc, caplog):
     path = write_llava(tmp_path, n_images=6, n_text=2)

@@ -370,22 +370,25 @@ def load(entry: Path) -> Optional[EncodedData]:
         n = len(table["task_id"])
         if n != manifest["examples"] or len(store) != n:
             raise ValueError("the example table and the token arrays disagree")
+        paths, stats, sources = table["image_paths"], table["image_stat"], table["sources"]
+        enc = EncodedData(
+            tasks=table["tasks"], store=store,
+            task_id=table["task_id"], record_id=table["record_id"], source=[sources[i] for i in table["source"]],
+            images=[[paths[i] for i in imgs] for imgs in table["images"]], content_start=table["content_start"],
+            truncated=table["truncated"], log=_log_from(table["log"]), image_stat=dict(zip(paths, stats)),
+        )
+        if not (len(enc.record_id) == len(enc.source) == len(enc.images) == len(enc.content_start) == n
+                and len(stats) == len(paths) and all(0 <= t < len(enc.tasks) for t in enc.task_id)):
+            raise ValueError("the example table's columns disagree")
     except Exception as err:  # noqa: BLE001 - any damage means: rebuild, never use it
         logger.warning("data cache: %s is damaged (%s); rebuilding it", entry, err)
         return None
-    paths, stats = table["image_paths"], table["image_stat"]
     changed = [p for p, s, now in zip(paths, stats, image_stats(paths)) if now != s]
     if changed:
         logger.warning("data cache: %d image(s) changed or disappeared since %s was built (e.g. %s); rebuilding it",
                        len(changed), entry, ", ".join(changed[:3]))
         return None
-    sources = table["sources"]
-    return EncodedData(
-        tasks=table["tasks"], store=store,
-        task_id=table["task_id"], record_id=table["record_id"], source=[sources[i] for i in table["source"]],
-        images=[[paths[i] for i in imgs] for imgs in table["images"]], content_start=table["content_start"],
-        truncated=table["truncated"], log=_log_from(table["log"]), image_stat=dict(zip(paths, stats)),
-    )
+    return enc
 
 
 # ----------------------------------------------------------------------------------------------
