@@ -126,7 +126,8 @@ def allocation_summary(out: Path) -> dict | None:
         for kind, group in (("image", img), ("text", txt)):
             entropy[kind].append(statistics.fmean(alloc["entropy"][i][t] for i in rows for t in group))
     third = max(1, len(depth) // 3)
-    summary = {}
+    summary = {"entropy": {f"{part}_{kind}": statistics.fmean(v[:third] if part == "early" else v[-third:])
+                           for kind, v in entropy.items() for part in ("early", "late")}}
     for m, v in per.items():
         diff = [a - b for a, b in zip(v["image"], v["text"])]
         summary[m] = {"early_image_minus_text": statistics.fmean(diff[:third]),
@@ -175,7 +176,12 @@ def unseen_image_answer(out: Path) -> dict | None:
     used = {int(p.stem) for p in (REPO / "data" / "llava_demo" / "images" / "test").glob("*.png")}
     questions = json.loads((root / "questions.json").read_text())
     image_id = next(i for q, a, i in questions if i not in used)
-    asked = [(q, a) for q, a, i in questions if i == image_id and a not in ("yes", "no")][:2]
+    kinds = {"color": None, "shape": None, "yesno": None}   # one question of each kind about that image
+    for q, a, i in questions:
+        kind = "yesno" if a in ("yes", "no") else "shape" if a in ("circle", "rectangle", "triangle") else "color"
+        if i == image_id and kinds[kind] is None:
+            kinds[kind] = (q, a)
+    asked = [qa for qa in kinds.values() if qa is not None]
     model = AutoModelForImageTextToText.from_pretrained(str(merged), dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(str(merged))
     image = Image.open(root / "images" / f"{image_id}.png").convert("RGB")
@@ -249,8 +255,14 @@ def main(argv=None) -> int:
                "more rank in early layers, the text-heavy one in late layers, i.e. early > late here.", "",
                "| module type | early: image - text | late: image - text | early > late |", "|---|---:|---:|---|"]
         for m, v in alloc["summary"].items():
+            if m == "entropy":
+                continue
             md.append(f"| {m} | {v['early_image_minus_text']:+.2f} | {v['late_image_minus_text']:+.2f} | "
                       f"{'yes' if v['early_image_minus_text'] > v['late_image_minus_text'] else 'no'} |")
+    if alloc:
+        e = alloc["summary"]["entropy"]
+        md += ["", f"Normalized spectral entropy H (mean over tasks and module types), early / late layers: image tasks "
+               f"{e['early_image']:.3f} / {e['late_image']:.3f}, text tasks {e['early_text']:.3f} / {e['late_text']:.3f}."]
     if not args.no_checks:
         answer = unseen_image_answer(out)
         peft = peft_check(out)
