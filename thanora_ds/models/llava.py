@@ -43,11 +43,3 @@ def check_supported(path: str | Path, key: str = "model.path") -> None:
             "framework's data, HASI and evaluation paths do not carry, so it would train on wrong image features. "
             "Use a LLaVA-1.5 model (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf).")
 
-
-def image_tokens(image_size: int, patch_size: int, select_strategy: str = "default") -> int:
-    """Image tokens per image of a LLaVA-1.5 model: (size / patch)^2 patch features (+1 with strategy ``full``,
-    which keeps the CLS feature)."""
-    if image_size % patch_size:
-        raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
-    n = (image_size // patch_size) ** 2
-    return n + 1 if select_strategy == "full" else n
