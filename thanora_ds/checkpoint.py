@@ -39,7 +39,8 @@ MANIFEST = "manifest.json"
 log = logging.getLogger("thanora_ds")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's entries: a rename is durable once its folder is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -54,7 +55,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 class CheckpointError(RuntimeError):
@@ -158,11 +159,11 @@ class Checkpoints:
         write_manifest(tmp)
         _fault_point("before_rename", step)
         if D.is_main():
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
             atomic_write_text(self.root / "latest", final.name)
             # prune only checkpoints older than this one: a newer one (left by a run that resumed an earlier
             # checkpoint on purpose) is not this save's to delete

@@ -61,6 +61,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..checkpoint import fsync_path
 from .config import DataConfig
 from .errors import Problem, ProblemLog
 from .tokens import ARRAYS, TokenStore
@@ -242,14 +243,6 @@ def _log_from(state: dict) -> ProblemLog:
     return log
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(entry: Path, enc: EncodedData, parts: Optional[dict] = None) -> bool:
     """Write `enc` as the entry `entry` atomically; True if written (False, with a warning, if it cannot be)."""
     from safetensors.numpy import save_file
@@ -274,9 +267,9 @@ def save(entry: Path, enc: EncodedData, parts: Optional[dict] = None) -> bool:
                               for name in (TOKENS, RECORDS)},
                     "key_parts": parts}
         for name in (TOKENS, RECORDS):
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        _fsync(tmp / MANIFEST)
+        fsync_path(tmp / MANIFEST)
         if entry.exists():  # a damaged entry being replaced (a sound one is never rebuilt)
             old = entry.parent / f".{entry.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(entry, old)
