@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from study import EVAL_RECORDS, LAMBDAS, LRS, METHODS, SEEDS, VARIANTS, SETTINGS, TASKS, best_lr, job_name, mean_loss, mean_score
+from study import EVAL_RECORDS, LAMBDAS, LRS, METHODS, SEEDS, SWEPT, VARIANTS, SETTINGS, TASKS, best_lr, job_name, mean_loss, mean_score
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -60,7 +60,7 @@ def write_report(results: Path, runs: dict) -> None:
     lines = ["# Method study: best-tuned plain LoRA vs best-tuned ThanoRA (benchmarks/study.py)", "",
              f"Rebuilt {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {len(runs)} finished jobs; commits "
              f"{', '.join(sorted({r['commit'] for r in runs.values()}))}.",
-             f"SmolLM2-135M-Instruct fp32, 1 process (2 CPU threads), rank {SETTINGS['rank']}, alpha "
+             f"SmolLM2-135M-Instruct fp32, 1 process (1 CPU thread), rank {SETTINGS['rank']}, alpha "
              f"{SETTINGS['alpha']:g}, all 7 projections, micro batch {SETTINGS['micro_batch_size']}, one epoch "
              f"(50 steps), cosine, {SETTINGS['preview_samples']} previews and {EVAL_RECORDS} eval examples "
              "per task (greedy generation, each task's scorer; eval loss = mean cross-entropy of the reference answer).",
@@ -80,6 +80,27 @@ def write_report(results: Path, runs: dict) -> None:
             lines.append(f"| {m} | {lr:g}{mark} | {mean_loss(r):.4f} | {mean_score(r):.3f} | "
                          + " | ".join(f"{r['tasks'][t]['score']:.2f} / {r['tasks'][t]['loss']:.3f}" for t in TASKS)
                          + f" | {r['seconds']:.0f} |")
+    # 2a. the common first rate, every seed
+    common = {m: {s: r for s in SEEDS if (r := runs.get(job_name({"method": m, "lr": LRS[m][0], "seed": s})))}
+              for m in SWEPT}
+    if all(common.values()):
+        lines += ["", f"## 2a. Both at lr {LRS['lora'][0]:g}, every seed finished so far (paired per seed)", "",
+                  "| method | seeds | " + " | ".join(f"{t} score / loss" for t in TASKS) + " | mean score | mean loss |",
+                  "|---|---|" + "---:|" * (len(TASKS) + 2)]
+        for m, by_seed in common.items():
+            lines.append(f"| {m} | {', '.join(map(str, by_seed))} | " + " | ".join(
+                fmt(interval([r["tasks"][t]["score"] for r in by_seed.values()]), 2) + " / "
+                + fmt(interval([r["tasks"][t]["loss"] for r in by_seed.values()]), 3) for t in TASKS)
+                + f" | {fmt(interval([mean_score(r) for r in by_seed.values()]))}"
+                f" | {fmt(interval([mean_loss(r) for r in by_seed.values()]), 4)} |")
+        paired = [s for s in common["thanora"] if s in common["lora"]]
+        if paired:
+            ds = interval([mean_score(common["thanora"][s]) - mean_score(common["lora"][s]) for s in paired])
+            dl = interval([mean_loss(common["thanora"][s]) - mean_loss(common["lora"][s]) for s in paired])
+            per = ", ".join(f"seed {s}: {mean_loss(common['thanora'][s]) - mean_loss(common['lora'][s]):+.4f}"
+                            for s in paired)
+            lines += ["", f"ThanoRA − LoRA, paired: mean score {fmt(ds, 3, True)}, mean eval loss {fmt(dl, 4, True)} "
+                      f"({per})."]
     # 2. best against best
     rows = method_runs(runs)
     lines += ["", "## 2. Each method at its selected learning rate, over seeds (mean ± 95 % t interval)", "",
