@@ -267,6 +267,8 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--allocation-only", action="store_true",
                    help="HASI only, with and without the system turn in the statistics: how the allocation moves")
+    p.add_argument("--mixtures", nargs="+", default=["study", "demo"], choices=["study", "demo"],
+                   help="with --allocation-only: which mixtures")
     p.add_argument("--max-jobs", type=int, default=0, help="stop after this many jobs (0: the whole plan)")
     p.add_argument("--_job", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -282,7 +284,7 @@ def main(argv=None) -> int:
     if not (MODEL / "config.json").is_file():
         p.error(f"{MODEL}: not prepared; run python scripts/prepare_smollm2.py")
     if args.allocation_only:
-        return allocation_study(results, work_root, run_config)
+        return allocation_study(results, work_root, run_config, args.mixtures)
     from thanora_ds.distributed import free_port
 
     commit, done = git_commit(), 0
