@@ -42,6 +42,7 @@ def statistics_key(parts: dict, previews: list[list[dict]]) -> str:
 class StatisticsCache:
     def __init__(self, root: str | Path, key: str):
         self.dir = Path(root) / key
+        self._writing = False   # set by the first save: the entry is then marked incomplete until finish()
 
     def _file(self, leader: str) -> Path:
         return self.dir / f"{leader}.safetensors"
@@ -76,8 +77,10 @@ class StatisticsCache:
         """Rank 0 only."""
         from safetensors.torch import save_file
 
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "complete.json").unlink(missing_ok=True)   # an entry being (re)written is not complete
+        if not self._writing:   # an entry being (re)written is not complete
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "complete.json").unlink(missing_ok=True)
+            self._writing = True
         tmp = self._file(leader).with_suffix(f".tmp{os.getpid()}")
         save_file({"sum": sums.detach().cpu().contiguous(), "count": counts.detach().cpu().contiguous()}, str(tmp))
         os.replace(tmp, self._file(leader))
