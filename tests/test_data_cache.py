@@ -389,3 +389,34 @@ def test_the_train_command_builds_once_and_a_requeue_loads_it(tmp_path):
     assert "data cache: built and saved" in first and "data cache: loaded" not in first
     assert "data cache: loaded" in second and "data cache: built" not in second
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_evaluation_reads_no_record_and_scores_each_record_against_its_own_answer(tmp_path, tok, monkeypatch):
+    """The eval references come with the data (kept after a build, read from the cache entry on a cached start):
+    `eval_items` reads no record again, and two eval records with the same id keep their own answers."""
+    from thanora_ds.evaluate import eval_items
+
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps({"task": "qa", "id": f"r{i}", "prompt": f"Q{i}?", "response": f"a{i}"}) + "\n"
+                             for i in range(8)))
+    answers = {"e0": "Paris  ", "e1": " Rome"}   # kept exactly as written (scorers normalise, not the data)
+    rows = [{"task": "qa", "id": k, "prompt": f"Capital {k}?", "response": v} for k, v in answers.items()]
+    rows += [{"task": "qa", "id": "dup", "prompt": f"Say {w}.", "response": w} for w in ("alpha", "beta")]
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = lambda: DataConfig.from_dict({"sources": [{"path": str(train)}, {"path": str(held), "split": "eval"}],  # noqa: E731
+                                        "preview_samples": 2, "cache_dir": str(tmp_path / "cache")}, tmp_path)
+    reads = Counter()
+    read_rows = records._read_rows
+    monkeypatch.setattr(records, "_read_rows", lambda src, *a: reads.update([src.path]) or read_rows(src, *a))
+    for status in ("built", "hit"):
+        data = build_multitask_data(cfg(), tokenizer=tok)
+        assert data.cache.status == status and sum(reads.values()) == (2 if status == "built" else 0)
+        reads.clear()
+        items = eval_items(data, tok)["qa"]
+        assert not reads, reads                   # no data file opened again to find the answers
+        assert sorted(it.reference for it in items) == sorted([*answers.values(), "alpha", "beta"])
+        for it in items:
+            if it.id in answers:
+                assert it.reference == answers[it.id]
+            else:   # each duplicate against its own answer: the one its prompt asks for
+                assert f"Say {it.reference}." in tok.decode(it.prompt_ids)

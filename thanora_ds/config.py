@@ -6,6 +6,7 @@ any model or data is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from .hasi import ALLOCATIONS, DECOMPOSITIONS, GAMMA_RULES, SPECTRA
 from .spr import SPR_TERMS
@@ -83,7 +84,8 @@ class ThanoraConfig:
                 raise bad("rank", f"r={self.rank} is too small for {num_tasks} tasks at min_rank={self.min_rank} "
                                   f"plus a shared block of {r_c}: need r >= {need}")
 
-    def check_rank_fits(self, shapes: dict[str, tuple[int, ...]], num_tasks: int) -> None:
+    def check_rank_fits(self, shapes: dict[str, tuple[int, ...]], num_tasks: int,
+                        never_adapted: Sequence[str] = ()) -> None:
         """Before the model loads (``shapes`` from the weight files' headers): in modes orthogonal and corda the
         task rows of a layer are orthonormal directions of its input space and singular vectors of its weight,
         so r - r_c of them must fit into min(d_out, d_in) of every adapted layer. Mode random has no such bound."""
@@ -92,7 +94,7 @@ class ThanoraConfig:
         need = self.rank - self.resolved_shared_rank(num_tasks)
         adapted = {name: shape for name, shape in shapes.items() if len(shape) == 2 and name.endswith(".weight")
                    and name.split(".")[-2] in self.targets
-                   and not any(skip in name for skip in ("vision_tower", "vision_model", "multi_modal_projector"))}
+                   and not any(skip in name for skip in never_adapted)}
         if not adapted:
             return
         name, shape = min(adapted.items(), key=lambda item: min(item[1]))

@@ -490,31 +490,3 @@ def read_zero_trainable(tag_dir) -> dict[str, torch.Tensor]:
     else:
         lazy = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, states, True)
     return {name: t.contiguous().float().clone() for name, t in lazy.items()}
-
-
-@contextlib.contextmanager
-def symmetric_vision_forward(model: torch.nn.Module, has_images: bool):
-    """Under ZeRO-3 every module's forward gathers its parameters collectively, so all ranks must run the same
-    modules in the same order. A LLaVA rank whose micro-batch has no image would skip the vision tower and
-    projector while another rank runs them, and the collectives would mismatch. If any rank has images, a rank
-    without runs them on one dummy image, right after the token embeddings (where the real ones run), and adds
-    0 x the result to the embeddings so that its backward (and projector gradient reduction) happens too."""
-    inner = getattr(model, "model", model)
-    multimodal = hasattr(inner, "get_image_features") and hasattr(inner, "vision_tower")
-    if not multimodal or world_size() == 1 or not any_rank(has_images) or has_images:
-        yield
-        return
-    size = model.config.vision_config.image_size
-    param = next(inner.vision_tower.parameters())
-    dummy = torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device)
-
-    def add_dummy_vision(module, args, output):
-        features = inner.get_image_features(pixel_values=dummy, return_dict=True).pooler_output
-        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
-        return output + 0 * features.sum().to(output.dtype)
-
-    handle = inner.get_input_embeddings().register_forward_hook(add_dummy_vision)
-    try:
-        yield
-    finally:
-        handle.remove()

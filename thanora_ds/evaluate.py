@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .data import DataConfig, IGNORE_INDEX, MultiTaskData, collate_batch, load_records
+from .data import DataConfig, IGNORE_INDEX, MultiTaskData, collate_batch
+from .models import family_of
 from .scorers import score_task
 
 log = logging.getLogger("thanora_ds.evaluate")
@@ -59,30 +60,21 @@ def last_answer_start(labels: list[int]) -> int:
 
 
 def eval_items(data: MultiTaskData, tokenizer, tasks: list[str] | None = None, limit: int = 0) -> dict[str, list[EvalItem]]:
-    """The eval examples of each task with their prompts and reference answers."""
-    references: dict[tuple[str, str], list[str]] = {}
-    for task, records in load_records(data.config).by_task.items():
-        for rec in records:
-            last = next(m["content"] for m in reversed(rec.messages) if m["role"] == "assistant")
-            references.setdefault((task, rec.id), []).append(last)
+    """The eval examples of each task with their prompts and reference answers (``MultiTaskData.references``:
+    no record is read again)."""
     special = set(tokenizer.all_special_ids)
     out = {}
     for task in tasks or data.tasks:
         if task not in data.eval:
             raise ValueError(f"--tasks: unknown task {task!r}; the data has {data.tasks}")
         items = []
-        examples = data.eval[task]
+        examples, references = data.eval[task], data.references(task)
         for k in range(len(examples) if not limit else min(limit, len(examples))):
             ex = examples[k]
             start = last_answer_start(ex["labels"])
             answer = [t for t in ex["labels"][start:] if t != IGNORE_INDEX]
             stop = next((t for t in answer if t in special), None)
-            refs = references.get((task, ex["id"]), [])
-            if len(set(refs)) == 1:
-                reference = refs[0]
-            else:  # id not unique in the files: the reference is the label tokens themselves
-                reference = tokenizer.decode([t for t in answer if t not in special]).strip()
-            items.append(EvalItem(task, ex["id"], ex, ex["input_ids"][:start], reference, stop))
+            items.append(EvalItem(task, ex["id"], ex, ex["input_ids"][:start], references[k], stop))
         out[task] = items
     return out
 
@@ -98,9 +90,7 @@ def _batch_loss(model, chunk: list[EvalItem], pad_id: int) -> tuple[float, int]:
 
     device, dtype = _model_device_dtype(model)
     batch = collate_batch([it.example for it in chunk], pad_id)
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-    if "pixel_values" in batch:
-        inputs["pixel_values"] = batch["pixel_values"].to(device, dtype)
+    inputs = family_of(model).model_inputs(batch, device, dtype)
     logits = model(**inputs, use_cache=False).logits
     per_token = token_losses(logits, batch["labels"].to(device))
     return float(per_token.double().sum()), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -121,6 +111,7 @@ def generate(model, items: list[EvalItem], tokenizer, batch_size: int, max_new_t
     """Greedy answers (in ``items`` order), the number of generated tokens, and the seconds spent generating.
     ``synced_gpus``: every rank keeps stepping until all ranks are done (ZeRO-3 gathers parameters collectively)."""
     device, dtype = _model_device_dtype(model)
+    family = family_of(model)
     pad = tokenizer.pad_token_id
     gen = copy.deepcopy(model.generation_config)
     stops = {t for t in ([gen.eos_token_id] if isinstance(gen.eos_token_id, int) else (gen.eos_token_id or []))}
@@ -139,10 +130,11 @@ def generate(model, items: list[EvalItem], tokenizer, batch_size: int, max_new_t
         for b, it in enumerate(chunk):  # left padding: every prompt ends where generation starts
             ids[b, width - len(it.prompt_ids):] = torch.tensor(it.prompt_ids)
             mask[b, width - len(it.prompt_ids):] = 1
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        batch = {"input_ids": ids, "attention_mask": mask}
         pixels = [it.example["pixel_values"] for it in chunk if it.example.get("pixel_values") is not None]
         if pixels:
-            inputs["pixel_values"] = torch.cat(pixels).to(device, dtype)
+            batch["pixel_values"] = torch.cat(pixels)
+        inputs = family.model_inputs(batch, device, dtype)
         t0 = time.perf_counter()
         out = model.generate(**inputs, generation_config=gen, synced_gpus=synced_gpus)
         seconds += time.perf_counter() - t0

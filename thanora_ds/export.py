@@ -31,12 +31,10 @@ from .checkpoint import META, CheckpointError, Checkpoints, verify
 from .config import ThanoraConfig, from_dict
 from .initializer import Allocation, subtract_corda_residual
 from .merge import merged_weight, peft_pair, write_peft
+from .models import family_of_path, projector_of_parameter
 
 log = logging.getLogger("thanora_ds.export")
 RUN_INFO = "thanora_run.json"   # written next to a merged model / adapter: where it came from, with the run config
-# transformers 5 names -> the legacy names older LLaVA checkpoints (llava-hf/*) still use in their files
-LEGACY_PREFIXES = (("model.language_model.", "language_model.model."), ("model.multi_modal_projector.",
-                   "multi_modal_projector."), ("model.vision_tower.", "vision_tower."), ("lm_head.", "language_model.lm_head."))
 IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache", "architectures"}
 
 
@@ -132,7 +130,7 @@ def load_checkpoint(path: str | Path) -> RunCheckpoint:
         if a.shape[0] != thanora.rank or b.shape[1] != thanora.rank:
             raise ExportError(f"{path}: {layer} has rank {a.shape[0]} but {META} says thanora.rank={thanora.rank}")
         lora[layer] = (a, b)
-    stray = [n for n in trainable if "multi_modal_projector" not in n]
+    stray = [n for n in trainable if projector_of_parameter(n) is None]
     if stray:
         raise ExportError(f"{path}: trainable parameters that are neither adapters of {alloc_file.name} nor the "
                           f"projector: {stray[:4]}")
@@ -166,6 +164,7 @@ class BaseWeights:
         else:
             raise ExportError(f"{self.path}: no model.safetensors(.index.json); the base model must be a Hugging "
                               "Face folder with safetensors weights (re-save it with save_pretrained)")
+        self.family = family_of_path(self.path, "the base model")
         self.file_of: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for name in self.files:
@@ -178,7 +177,7 @@ class BaseWeights:
         """The file key of a parameter named as in the loaded (transformers 5) model, also for legacy files."""
         if live_name in self.file_of:
             return live_name
-        for new, old in LEGACY_PREFIXES:
+        for new, old in self.family.legacy_prefixes:
             if live_name.startswith(new) and old + live_name[len(new):] in self.file_of:
                 return old + live_name[len(new):]
         return None
@@ -388,12 +387,7 @@ def _write_side_files(ckpt: RunCheckpoint, base_path: Path, out: Path, cast) -> 
 
 
 def _save_processor(source: str | Path, model_path: str | Path, out: Path) -> None:
-    from transformers import AutoProcessor, AutoTokenizer
-
-    from .modeling import is_multimodal
-
-    loader = AutoProcessor if is_multimodal(str(model_path)) else AutoTokenizer
-    loader.from_pretrained(str(source)).save_pretrained(out)
+    family_of_path(model_path).load_processor(source).save_pretrained(out)
 
 
 def base_model_class(base_path: str | Path) -> tuple[str, str] | None:
@@ -426,14 +420,11 @@ def export_adapter(ckpt: RunCheckpoint, base_path: str | Path, out_dir: str | Pa
 def build_adapted_model(ckpt: RunCheckpoint, base_path: str | Path | None = None, dtype=torch.float32,
                         attn_implementation: str = "sdpa"):
     """The base model with the checkpoint's adapters injected (unmerged), in eval mode, in this process."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
     from .inject import inject_thanora
-    from .modeling import is_multimodal
 
     base_path = str(base_path or ckpt.base_path)
     check_base(ckpt, BaseWeights(base_path))
-    cls = AutoModelForImageTextToText if is_multimodal(base_path) else AutoModelForCausalLM
+    cls = family_of_path(base_path, "the base model").auto_model_class()
     model = cls.from_pretrained(base_path, dtype=dtype, attn_implementation=attn_implementation)
     trained_adapters = ((ckpt.config.get("train") or {}).get("adapters", True)) and bool(ckpt.allocation.layers)
     adapters = inject_thanora(model, ckpt.thanora, len(ckpt.allocation.tasks), adapters=trained_adapters)

@@ -28,6 +28,7 @@ from . import distributed as D
 from .distributed import reset_zero3_trace
 from .adapter import ThanoraLinear
 from .config import ThanoraConfig
+from .models import family_of
 from .statistics_cache import StatisticsCache
 from .hasi import (
     allocate_ranks,
@@ -115,12 +116,9 @@ def _input_groups(model: nn.Module, adapters: dict[str, ThanoraLinear], batch: d
 
 
 def _preview_forward(model: nn.Module, batch: dict) -> None:
-    param = next(model.parameters())
-    kwargs = {k: batch[k].to(param.device) for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")
-              if k in batch}
-    if "pixel_values" in kwargs:
-        kwargs["pixel_values"] = kwargs["pixel_values"].to(param.dtype)
-    with D.symmetric_vision_forward(model, "pixel_values" in kwargs):
+    param, family = next(model.parameters()), family_of(model)
+    kwargs = family.model_inputs(batch, param.device, param.dtype)
+    with family.symmetric_forward(model, "pixel_values" in kwargs):
         model(**kwargs, use_cache=False, logits_to_keep=1)
 
 

@@ -1,9 +1,9 @@
-"""Injection of ThanoRA adapters into LlamaForCausalLM / LlavaForConditionalGeneration (transformers 5).
+"""Injection of ThanoRA adapters into a model of any family of ``thanora_ds.models`` (transformers 5).
 
-Targets are the ``nn.Linear`` modules of the language model's decoder layers whose last name component is
-in ``ThanoraConfig.targets``; lm_head, the vision tower and the multimodal projector are never wrapped
-(CLIP/DINOv2 towers also have q_proj/v_proj, so the search is scoped to the language model). Works on a model
-whose parameters are ZeRO-3 partitioned: shapes come from ``ds_shape`` when present.
+Targets are the ``nn.Linear`` modules of the family's decoder stack (``Family.decoder``) inside its ``layers``
+whose last name component is in ``ThanoraConfig.targets``; lm_head, a vision tower and a multimodal projector
+are never wrapped (CLIP/DINOv2 towers also have q_proj/v_proj, so the search is scoped to the decoder). Works on
+a model whose parameters are ZeRO-3 partitioned: shapes come from ``ds_shape`` when present.
 """
 from __future__ import annotations
 
@@ -14,17 +14,7 @@ import torch.nn as nn
 
 from .adapter import ThanoraLinear
 from .config import ConfigError, ThanoraConfig
-
-
-def language_model(model: nn.Module) -> nn.Module:
-    """The decoder stack (LlamaModel) of a causal LM or a LLaVA model."""
-    inner = getattr(model, "model", model)
-    return getattr(inner, "language_model", inner)
-
-
-def multimodal_projector(model: nn.Module) -> nn.Module | None:
-    inner = getattr(model, "model", model)
-    return getattr(inner, "multi_modal_projector", None)
+from .models import family_of, module_name, projector
 
 
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:
@@ -34,8 +24,8 @@ def full_shape(param: torch.Tensor) -> tuple[int, ...]:
 
 def find_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Linear]]:
     """(full module name, module) of every target linear inside the language model's decoder layers."""
-    lm = language_model(model)
-    prefix = next(name for name, mod in model.named_modules() if mod is lm)
+    lm = family_of(model).decoder(model)
+    prefix = module_name(model, lm)
     wanted = set(targets)
     found = []
     for name, mod in lm.named_modules():
@@ -61,13 +51,13 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def train_projector_only(model: nn.Module) -> dict[str, ThanoraLinear]:
     """``train.adapters: false`` (LLaVA-1.5's stage 1): freeze everything but the multimodal projector, inject
     nothing; returns the (empty) adapters."""
-    projector = multimodal_projector(model)
-    if projector is None:
+    proj = projector(model)
+    if proj is None:
         raise ConfigError("train.adapters: false trains the multimodal projector alone, but the model has none "
                           "(a text-only model?)")
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in projector.parameters():
+    for p in proj.parameters():
         p.requires_grad_(True)
     return {}
 
@@ -103,11 +93,11 @@ def inject_thanora(model: nn.Module, cfg: ThanoraConfig, num_tasks: int, adapter
             adapter.enable_spr(cfg.spr_normalize, cfg.spr_terms)
         _set_submodule(model, name, adapter)
         wrapped[name] = adapter
-    projector = multimodal_projector(model)
+    proj = projector(model)
     if cfg.train_projector:
-        if projector is None:
+        if proj is None:
             raise ConfigError("thanora.train_projector: the model has no multimodal projector")
-        for p in projector.parameters():
+        for p in proj.parameters():
             p.requires_grad_(True)
     return wrapped
 

@@ -15,7 +15,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .adapter import ThanoraLinear
-from .inject import multimodal_projector, thanora_modules
+from .inject import thanora_modules
+from .models import module_name, projector, projector_of_parameter
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -94,10 +95,10 @@ def export_peft(model: nn.Module, out_dir: str | Path, base_path: str = "") -> N
     first: ThanoraLinear = next(iter(adapters.values()))
     layers = {name: (a.lora_A, a.lora_B, a.corda_A0, a.corda_B0) for name, a in adapters.items()}
     projector_params = {}
-    projector = multimodal_projector(model)
-    if projector is not None and any(p.requires_grad for p in projector.parameters()):
-        proj_name = next(n for n, m in model.named_modules() if m is projector)
-        projector_params = {f"{proj_name}.{n}": p for n, p in projector.named_parameters()}
+    module = projector(model)
+    if module is not None and any(p.requires_grad for p in module.parameters()):
+        prefix = module_name(model, module)
+        projector_params = {f"{prefix}.{n}": p for n, p in module.named_parameters()}
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     write_peft(out_dir, layers, projector_params, first.rank, first.alpha, first.rslora, dropout, base_path,
                (type(model).__name__, type(model).__module__))
@@ -128,7 +129,7 @@ def write_peft(out_dir: str | Path, layers: dict, projector: dict[str, torch.Ten
 
 def _module_to_save(param_name: str) -> str:
     """PEFT names a module to save by its last name component: that of the projector holding the parameter."""
-    parts = param_name.split(".")
-    if "multi_modal_projector" not in parts:
+    name = projector_of_parameter(param_name)
+    if name is None:
         raise ValueError(f"write_peft: {param_name} is not a multimodal projector parameter")
-    return "multi_modal_projector"
+    return name

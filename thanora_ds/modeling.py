@@ -9,26 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig
 
+from .models import family_of_path
 from .train_config import ModelConfig
 
 _KEEP_ALIVE = []  # HfDeepSpeedConfig must outlive from_pretrained (transformers holds a weak reference)
 
 
-def is_multimodal(path: str) -> bool:
-    return getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
-
-
 def load_processor(cfg: ModelConfig):
-    """(tokenizer, processor): the processor is the LLaVA processor for multimodal models, else None."""
-    path = cfg.processor_path or cfg.path
-    if is_multimodal(cfg.path):
-        processor = AutoProcessor.from_pretrained(path)
-        tokenizer = processor.tokenizer
-    else:
-        processor = None
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    """(tokenizer, processor): the processor is the family's (AutoProcessor) for multimodal models, else None."""
+    family = family_of_path(cfg.path)
+    loaded = family.load_processor(cfg.processor_path or cfg.path)
+    processor, tokenizer = (loaded, loaded.tokenizer) if family.multimodal else (None, loaded)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, processor
@@ -73,9 +66,7 @@ def weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 def hidden_size(path: str) -> int:
-    config = AutoConfig.from_pretrained(path)
-    text = getattr(config, "text_config", None) or config
-    return int(text.hidden_size)
+    return family_of_path(path).hidden_size(AutoConfig.from_pretrained(path))
 
 
 def load_model(cfg: ModelConfig, ds_config: dict | None = None):
@@ -84,7 +75,7 @@ def load_model(cfg: ModelConfig, ds_config: dict | None = None):
         from transformers.integrations import HfDeepSpeedConfig
 
         _KEEP_ALIVE[:] = [HfDeepSpeedConfig(ds_config)]
-    cls = AutoModelForImageTextToText if is_multimodal(cfg.path) else AutoModelForCausalLM
+    cls = family_of_path(cfg.path).auto_model_class()
     model = cls.from_pretrained(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
     if cfg.activation_checkpointing:

@@ -169,9 +169,9 @@ class TrainConfig:
                               "save one with save_pretrained)")
         if m.processor_path and not Path(m.processor_path).is_dir():
             raise ConfigError(f"model.processor_path: {m.processor_path} is not a directory")
-        from .models.llava import check_supported
+        from .models import family_of_path
 
-        check_supported(m.path, "model.path")
+        family = family_of_path(m.path, "model.path")   # a refused family stops here, before anything loads
         if m.dtype not in DTYPES:
             raise ConfigError(f"model.dtype: unknown value {m.dtype!r}; choose one of {list(DTYPES)}")
         if m.attn_implementation not in ATTENTION:
@@ -219,7 +219,7 @@ class TrainConfig:
         if not t.adapters and not self.thanora.train_projector:
             raise ConfigError("train.adapters: false leaves nothing to train unless thanora.train_projector is true "
                               "(projector-only training, LLaVA stage 1)")
-        if not t.adapters and not has_vision_config(m.path):
+        if not t.adapters and family.projector_name is None:
             raise ConfigError(f"train.adapters: false trains the multimodal projector alone, but {m.path} is not a "
                               "multimodal (LLaVA) model: it has no projector")
         if self.thanora.train_projector is False and t.projector_lr is not None:
@@ -261,16 +261,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def has_vision_config(path: str) -> bool:
-    """Whether a model folder's config.json describes a multimodal (LLaVA-style) model, without loading it."""
-    import json
-
-    try:
-        return bool(json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("vision_config"))
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -27,13 +27,13 @@ from .ds_config import fill_deepspeed_config, zero_stage
 from .data.encode import IGNORE_INDEX
 from .hasi import common_prefix_length
 from .initializer import Allocation, plot_allocation, run_hasi, subtract_corda_residual
-from .inject import inject_thanora, multimodal_projector, spr_loss
+from .inject import inject_thanora, spr_loss
+from .models import family_of_path, module_name, projector
 from .run_lock import OutputLock, RunLockedError
 from .train_config import TrainConfig
 from .typed_config import ConfigError
 
 log = logging.getLogger("thanora_ds")
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 
 
 class NonFiniteError(RuntimeError):
@@ -150,6 +150,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         from .modeling import hidden_size, load_model, load_processor, weight_shapes
 
+        self.family = family_of_path(cfg.model.path)
         self.tokenizer, self.processor = load_processor(cfg.model)
         t0 = time.time()
         self.data = build_multitask_data(cfg.data, tokenizer=self.tokenizer, processor=self.processor)
@@ -157,7 +158,7 @@ class Trainer:
         log.info("data: %d tasks %s, train sizes %s, preview %s (%.1fs)", len(self.tasks), self.tasks,
                  self.data.task_sizes, [len(self.data.preview[t]) for t in self.tasks], time.time() - t0)
         cfg.thanora.validate(len(self.tasks))
-        cfg.thanora.check_rank_fits(weight_shapes(cfg.model.path), len(self.tasks))
+        cfg.thanora.check_rank_fits(weight_shapes(cfg.model.path), len(self.tasks), self.family.never_adapted)
         self.fingerprint = run_fingerprint(cfg, self.tasks)
         self.resume_from = self._resume_checkpoint()
 
@@ -235,8 +236,8 @@ class Trainer:
 
     def _param_groups(self, model) -> list[dict]:
         cfg = self.cfg
-        projector = multimodal_projector(model)
-        proj_ids = {id(p) for p in projector.parameters()} if projector is not None else set()
+        module = projector(model)
+        proj_ids = {id(p) for p in module.parameters()} if module is not None else set()
         adapters = [p for p in model.parameters() if p.requires_grad and id(p) not in proj_ids]
         groups = [{"params": adapters, "lr": cfg.train.lr}] if adapters else []   # none with train.adapters: false
         proj = [p for p in model.parameters() if p.requires_grad and id(p) in proj_ids]
@@ -300,8 +301,8 @@ class Trainer:
             log.info("train.adapters: false: no adapters, no HASI; training the multimodal projector alone")
             return
         previews = [list(self.data.preview[t]) for t in self.tasks]
-        image_token = getattr(self.processor, "image_token_id", None) if self.processor is not None else None
-        prefix = common_prefix_length([ex["input_ids"] for exs in previews for ex in exs], image_token)
+        prefix = common_prefix_length([ex["input_ids"] for exs in previews for ex in exs],
+                                      self.family.image_token_id(self.processor))
 
         def batches(t: int):
             return preview_batches(self.data, self.tasks[t], cfg.train.preview_batch_size, self.rank, self.world)
@@ -401,13 +402,11 @@ class Trainer:
     def _micro_step(self, stats: StepStats, micro: int) -> None:
         batch = self._next_batch(micro)
         device = self.engine.device
-        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
+        inputs = self.family.model_inputs(batch, device, next(self.model.parameters()).dtype)
         if self.cfg.thanora.task_routing:   # kept for activation checkpointing's re-forward; cleared after backward
             for adapter in self.adapters.values():
                 adapter.route = batch["task_ids"]
-        with D.symmetric_vision_forward(self.model, "pixel_values" in inputs):
+        with self.family.symmetric_forward(self.model, "pixel_values" in inputs):
             logits = self.engine(**inputs, use_cache=False).logits
         labels = batch["labels"].to(device)
         per_token = token_losses(logits, labels)
@@ -618,10 +617,10 @@ class Trainer:
         for name, adapter in self.adapters.items():
             tensors[f"{name}.lora_A"] = D.full_tensor(adapter.lora_A).float()
             tensors[f"{name}.lora_B"] = D.full_tensor(adapter.lora_B).float()
-        projector = multimodal_projector(self.model)
-        if projector is not None and self.cfg.thanora.train_projector:
-            prefix = next(n for n, m in self.model.named_modules() if m is projector)
-            for n, p in projector.named_parameters():
+        proj = projector(self.model)
+        if proj is not None and self.cfg.thanora.train_projector:
+            prefix = module_name(self.model, proj)
+            for n, p in proj.named_parameters():
                 tensors[f"{prefix}.{n}"] = D.full_tensor(p).float()
         if D.is_main():
             final = self.out / "final"

@@ -56,17 +56,15 @@ def describe(args):
 def load_model(args, model_path: str, checkpoint):
     """(model, description)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
     from thanora_ds.export import build_adapted_model, load_checkpoint
-    from thanora_ds.modeling import is_multimodal
+    from thanora_ds.models import family_of_path
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if checkpoint is not None and not args.zero_shot:
         ckpt = load_checkpoint(checkpoint)
         model = build_adapted_model(ckpt, model_path, dtype)
         return model.to(args.device), f"checkpoint {ckpt.path} (step {ckpt.meta.get('step')}, unmerged adapters)"
-    cls = AutoModelForImageTextToText if is_multimodal(model_path) else AutoModelForCausalLM
+    cls = family_of_path(model_path).auto_model_class()
     model = cls.from_pretrained(model_path, dtype=dtype, attn_implementation=args.attn_implementation).eval()
     what = f"base model {model_path} (zero-shot; run {checkpoint})" if checkpoint is not None else f"model {model_path}"
     return model.to(args.device), what
@@ -111,9 +109,9 @@ def main(argv=None) -> int:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         run_config, model_path, processor_path, checkpoint = describe(args)
-        from thanora_ds.models.llava import check_supported
+        from thanora_ds.models import family_of_path
 
-        check_supported(model_path, "--model" if args.model else "the checkpoint's model.path")
+        family_of_path(model_path, "--model" if args.model else "the checkpoint's model.path")   # refuses early
         cfg = data_config(args, run_config)
         tokenizer, processor = load_processor(ModelConfig(path=model_path, processor_path=processor_path))
         data = build_multitask_data(cfg, tokenizer=None if processor else tokenizer, processor=processor)

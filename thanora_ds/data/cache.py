@@ -26,8 +26,9 @@ a warning and a rebuild, so an image that became unreadable is reported at start
 
 Store, and why not `datasets`: an entry is a folder `<cache_dir>/<key>/` with `tokens.safetensors` (the
 `TokenStore` arrays of `tokens.py`: ids with image-token runs collapsed, a label mask, run positions and lengths,
-row offsets), `records.json` (the per-example table, the tasks and the validation log) and `manifest.json`
-(written last: format, sizes and xxh3-128 checksums of both files). The token arrays are memory-mapped
+row offsets), `records.json` (the per-example table, the tasks and the validation log), `references.json` (each
+example's reference answer, its last assistant turn as written, read only when an evaluation scores it) and
+`manifest.json` (written last: format, sizes and xxh3-128 checksums of the others). The token arrays are memory-mapped
 (`numpy.memmap` at the byte ranges the safetensors header gives), so the ranks of a node share one copy in the page
 cache. `datasets`' Arrow files (`save_to_disk`) would also memory-map, but a truncated one is not an error: an
 Arrow file cut at a record batch boundary loads with `load_from_disk` as a shorter table (checked here with
@@ -68,8 +69,9 @@ from .tokens import ARRAYS, TokenStore
 
 logger = logging.getLogger("thanora_ds.data")
 
-FORMAT = 1
+FORMAT = 2   # 2: references.json
 TOKENS, RECORDS, MANIFEST = "tokens.safetensors", "records.json", "manifest.json"
+REFERENCES = "references.json"   # each example's reference answer (its last assistant turn), read only to evaluate
 # settings of DataConfig that change what is encoded (the rest: splits, mixing, streaming, the cache itself)
 ENCODING_KEYS = ("image_folder", "image_aspect_ratio", "max_length", "skip_invalid", "max_errors")
 WAIT_TIMEOUT = datetime.timedelta(hours=24)
@@ -108,6 +110,16 @@ class EncodedData:
     truncated: dict[str, int]
     log: ProblemLog
     image_stat: dict[str, list[int]] = field(default_factory=dict)  # image path -> [size, mtime_ns] at validation
+    # each example's reference answer: in memory after a build; from a cache entry, the file (read when needed)
+    reference: Optional[list[str]] = None
+    reference_file: Optional[str] = None
+
+    def references(self) -> list[str]:
+        if self.reference is None:
+            self.reference = json.loads(Path(self.reference_file).read_text(encoding="utf-8"))
+            if len(self.reference) != len(self):
+                raise ValueError(f"{self.reference_file}: {len(self.reference)} references for {len(self)} examples")
+        return self.reference
 
     def __len__(self) -> int:
         return len(self.task_id)
@@ -262,11 +274,12 @@ def save(entry: Path, enc: EncodedData, parts: Optional[dict] = None) -> bool:
             "images": [[path_index[p] for p in imgs] for imgs in enc.images], "content_start": enc.content_start,
         }
         (tmp / RECORDS).write_text(json.dumps(table, separators=(",", ":")))
+        (tmp / REFERENCES).write_text(json.dumps(enc.references(), separators=(",", ":")), encoding="utf-8")
         manifest = {"format": FORMAT, "examples": len(enc), "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "files": {name: {"size": (tmp / name).stat().st_size, "xxh3_128": _digest(tmp / name)}
-                              for name in (TOKENS, RECORDS)},
+                              for name in (TOKENS, RECORDS, REFERENCES)},
                     "key_parts": parts}
-        for name in (TOKENS, RECORDS):
+        for name in (TOKENS, RECORDS, REFERENCES):
             fsync_path(tmp / name)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
         fsync_path(tmp / MANIFEST)
@@ -369,6 +382,7 @@ def load(entry: Path) -> Optional[EncodedData]:
             task_id=table["task_id"], record_id=table["record_id"], source=[sources[i] for i in table["source"]],
             images=[[paths[i] for i in imgs] for imgs in table["images"]], content_start=table["content_start"],
             truncated=table["truncated"], log=_log_from(table["log"]), image_stat=dict(zip(paths, stats)),
+            reference_file=str(entry / REFERENCES),
         )
         if not (len(enc.record_id) == len(enc.source) == len(enc.images) == len(enc.content_start) == n
                 and len(stats) == len(paths) and all(0 <= t < len(enc.tasks) for t in enc.task_id)):

@@ -21,9 +21,9 @@ workers instead (forked workers share the token arrays).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from .cache import CacheInfo, EncodedData, cached, image_stats
 from .config import DataConfig
@@ -88,6 +88,15 @@ class MultiTaskData:
     config: DataConfig
     truncated: dict[str, int] = field(default_factory=dict)  # per task, examples cut at max_length
     cache: CacheInfo = field(default_factory=CacheInfo)  # how this start got its data (built, or from the cache)
+    read_references: Optional[Callable[[], dict[str, list[str]]]] = None   # see `references`
+    _references: Optional[dict[str, list[str]]] = field(default=None, repr=False)
+
+    def references(self, task: str) -> list[str]:
+        """The reference answers of ``eval[task]`` (each record's last assistant turn, as written), in its order.
+        From a cache entry they are read at the first call (training alone never reads them)."""
+        if self._references is None:
+            self._references = self.read_references()
+        return self._references[task]
 
     @property
     def task_sizes(self) -> list[int]:
@@ -170,7 +179,22 @@ def build_multitask_data(cfg: DataConfig, tokenizer=None, processor=None) -> Mul
         preview[t] = ExampleList(pv_items, store, processor, pad)
         eval_[t] = ExampleList(ev_items, store, processor, pad)
     return MultiTaskData(tasks, train, preview, eval_, skipped, pad_id, cfg, {t: n for t, n in truncated.items() if n},
-                         info)
+                         info, _eval_references(enc, {t: [it.row for it in eval_[t]._items] for t in tasks}))
+
+
+def _eval_references(enc: EncodedData, rows: dict[str, list[int]]) -> Callable[[], dict[str, list[str]]]:
+    """What reads the eval examples' references: after a build, those of the eval rows, kept now (not every
+    record's); from a cache entry, its references file, read once when first asked for and then let go."""
+    if enc.reference is not None:
+        kept = {t: [enc.reference[r] for r in rs] for t, rs in rows.items()}
+        return lambda: kept
+
+    def read() -> dict[str, list[str]]:
+        every = enc.references()
+        enc.reference = None
+        return {t: [every[r] for r in rs] for t, rs in rows.items()}
+
+    return read
 
 
 def _encode_all(cfg: DataConfig, tokenizer, processor) -> EncodedData:
@@ -181,7 +205,7 @@ def _encode_all(cfg: DataConfig, tokenizer, processor) -> EncodedData:
     encoder = Encoder(tokenizer, processor, cfg.max_length, cfg.image_aspect_ratio == "pad")
     lines = line_index()
     tokens = TokenStoreBuilder(encoder.image_token_id)
-    task_ids, record_ids, sources, images, content_start = [], [], [], [], []
+    task_ids, record_ids, sources, images, content_start, references = [], [], [], [], [], []
     truncated: dict[str, int] = {}
     names = [t for t, recs in loaded.by_task.items() if recs or t in cfg.tasks]
     for task_id, task in enumerate(names):
@@ -198,11 +222,12 @@ def _encode_all(cfg: DataConfig, tokenizer, processor) -> EncodedData:
             sources.append(rec.source)
             images.append(list(rec.images))
             content_start.append(int(enc.content_start))
+            references.append(next(m["content"] for m in reversed(rec.messages) if m["role"] == "assistant"))
     checked = set(loaded.image_checks) | {p for imgs in images for p in imgs}
     return EncodedData(
         tasks=names, store=tokens.finish(), task_id=task_ids, record_id=record_ids, source=sources,
         images=images, content_start=content_start, truncated=truncated, log=log,
-        image_stat=dict(zip(sorted(checked), image_stats(sorted(checked)))),
+        image_stat=dict(zip(sorted(checked), image_stats(sorted(checked)))), reference=references,
     )
 
 
