@@ -13,6 +13,7 @@ from thanora_ds.initializer import run_hasi
 from thanora_ds.inject import inject_thanora
 from thanora_ds.mechanism import effective_rank, layer_metrics, singular_values_of_product, subspace_overlap
 from thanora_ds.statistics_cache import StatisticsCache, statistics_key
+from tiny_assets import SYSTEM_PROMPT
 from tiny_models import synthetic_batches, tiny_llama
 
 T = 3
@@ -154,9 +155,12 @@ def test_system_turn_is_not_content(tmp_path):
     system_ids = tok(tok.apply_chat_template(msgs[:1], tokenize=False), add_special_tokens=False)["input_ids"]
     assert e.content_start == len(system_ids) > 3
     assert e.input_ids[:e.content_start] == system_ids
-    # no system turn: nothing to leave out beyond the template's fixed block (the common prefix)
+    # no system turn: the block the template adds by itself (its default system prompt) is left out the same way,
+    # so a task without a system prompt is not measured on the template's words either
     plain = enc.encode(Record(id="b", task="t", messages=msgs[1:], source="s"))
-    assert plain.content_start == 0
+    assert enc.default_system_text() == "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
+    default_ids = tok(enc.default_system_text(), add_special_tokens=False)["input_ids"]
+    assert plain.content_start == len(default_ids) > 3 and plain.input_ids[:plain.content_start] == default_ids
 
     batches = synthetic_batches(T)
     for task in batches:
@@ -189,6 +193,33 @@ def test_system_turn_folded_into_the_user_turn_stays_content(tmp_path):
     msgs = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Colour of grass?"},
             {"role": "assistant", "content": "Green."}]
     assert enc.encode(Record(id="a", task="t", messages=msgs, source="s")).content_start == 0
+    assert enc.encode(Record(id="b", task="t", messages=msgs[1:], source="s")).content_start == 0
+
+
+@pytest.mark.parametrize("template,default", [
+    # Llama-3 style: BOS, then a default system header with a date when the record has none
+    ("{{ '<s>' }}{% if messages[0]['role'] != 'system' %}<|sys|>Cutting Knowledge Date: 2023<|eot|>{% endif %}"
+     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eot|>{% endfor %}",
+     "<s><|sys|>Cutting Knowledge Date: 2023<|eot|>"),
+    # ChatML without a default system prompt, and llava-hf's USER:/ASSISTANT: template: nothing to leave out
+    ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}", ""),
+    ("{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'].upper() + ': ' }}{% endif %}"
+     "{{ m['content'] + ' ' }}{% endfor %}", ""),
+], ids=["llama3_like", "chatml_plain", "llava_hf_like"])
+def test_default_system_block_of_other_templates(tmp_path, template, default):
+    from thanora_ds.data.encode import Encoder
+    from thanora_ds.data.records import Record
+    from tiny_assets import make_llama_tokenizer
+
+    tok = make_llama_tokenizer(tmp_path / "tok")
+    tok.chat_template = template
+    enc = Encoder(tok, max_length=128)
+    assert enc.default_system_text() == default
+    if ".upper()" in template:   # this tiny tokenizer merges across llava-hf's turn boundaries: no record to encode
+        return
+    e = enc.encode(Record(id="b", task="t", messages=[{"role": "user", "content": "Colour of grass?"},
+                                                      {"role": "assistant", "content": "Green."}], source="s"))
+    assert e.content_start == len(tok(default, add_special_tokens=False)["input_ids"] if default else [])
 
 
 def test_mechanism_metrics_on_known_factors():

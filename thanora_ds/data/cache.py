@@ -69,7 +69,7 @@ from .tokens import ARRAYS, TokenStore
 
 logger = logging.getLogger("thanora_ds.data")
 
-FORMAT = 2   # 2: references.json
+FORMAT = 3   # 2: references.json; 3: content_start also skips the template's default system block
 TOKENS, RECORDS, MANIFEST = "tokens.safetensors", "records.json", "manifest.json"
 REFERENCES = "references.json"   # each example's reference answer (its last assistant turn), read only to evaluate
 # settings of DataConfig that change what is encoded (the rest: splits, mixing, streaming, the cache itself)

@@ -62,6 +62,7 @@ class Encoder:
         if not getattr(renderer, "chat_template", None):
             raise ValueError("the tokenizer/processor has no chat_template; set one (Jinja) before building data")
         self._renderer = renderer
+        self._default_system: Optional[str] = None
 
     # -- rendering -------------------------------------------------------------------------------
 
@@ -117,19 +118,45 @@ class Encoder:
         return Encoded(ids, labels, truncated, min(self._system_length(msgs, full_text, ids), len(ids)))
 
     def _system_length(self, msgs: list[dict], full_text: str, ids: list[int]) -> int:
-        """Tokens of the leading system turn as the template renders it alone. 0 without a system turn, and
-        for templates that fold the system prompt into the first user turn (Llama-2, Mistral): there it has
-        no separate block, rendering it alone fails or is no prefix, and its tokens stay content."""
-        if not msgs or msgs[0]["role"] != "system" or len(msgs) < 2:
+        """Tokens of the leading system block as the template renders it: the record's own system turn rendered
+        alone, or, for a record without one, the block the template adds by itself (``default_system_text``).
+        0 where there is none, and for templates that fold the system prompt into the first user turn
+        (Llama-2, Mistral): there it has no separate block, rendering it alone fails or is no prefix, and its
+        tokens stay content."""
+        if not msgs or len(msgs) < 2:
             return 0
-        try:
-            text = self._render(msgs[:1], add_generation_prompt=False)
-        except Exception:  # noqa: BLE001 - a template may refuse a system-only conversation
-            return 0
+        if msgs[0]["role"] != "system":
+            text = self.default_system_text()
+        else:
+            try:
+                text = self._render(msgs[:1], add_generation_prompt=False)
+            except Exception:  # noqa: BLE001 - a template may refuse a system-only conversation
+                return 0
         if not text or not full_text.startswith(text):
             return 0
         sys_ids = self._tokenize(text)
         return len(sys_ids) if ids[: len(sys_ids)] == sys_ids else 0
+
+    def default_system_text(self) -> str:
+        """The system block the template renders for a conversation that has none (SmolLM2's and Qwen2's default
+        system prompt, Llama-3's date header), found once: a user turn rendered alone, less the text the same
+        user turn renders after an explicit system turn. '' when the template adds none or folds the system
+        prompt into the user turn. It is left out of HASI's statistics like a record's own system turn: in a
+        mixture where some tasks bring their own system prompt it is not part of the common prefix, and it
+        measures the template, not the task."""
+        if self._default_system is None:
+            self._default_system = ""
+            user = [{"role": "user", "content": "Probe question?"}]
+            system = [{"role": "system", "content": "Probe system prompt."}]
+            try:
+                alone, with_system = self._render(user, False), self._render(system + user, False)
+                system_block = self._render(system, False)
+            except Exception:  # noqa: BLE001 - a template may refuse a system-only conversation: no block
+                return ""
+            user_part = with_system[len(system_block):] if with_system.startswith(system_block) else ""
+            if user_part and alone.endswith(user_part):
+                self._default_system = alone[: len(alone) - len(user_part)]
+        return self._default_system
 
     def _end_answers(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """An answer the template ends with no special token (llava-hf's `USER: ... ASSISTANT: answer `) gets the
