@@ -9,6 +9,10 @@ Runs, in this one invocation and with identical settings otherwise:
   no_spr    the same ThanoRA run with spr_lambda=0 (its step time minus this = SPR's share)
 and, in-process, SPR's forward+backward on the real adapter shapes (isolated cost). Prints ratios; the median
 step time excludes the first two steps (warm-up). HASI is a one-off: reported in seconds and in steps.
+
+``--probe --variants lora,thanora,...`` instead runs each variant of PROBE_VARIANTS in one fresh process (world size
+1) with the Trainer's own setup and steps, and records per step process CPU seconds (user, sys), page faults, RSS and
+glibc's heap (issue 14; docs/performance.md section 3).
 """
 from __future__ import annotations
 
@@ -189,6 +193,182 @@ def hasi_allocation_by_route(config: str, routes: list[str], overrides: list[str
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# In-process probe (issue 14, step gap): one variant per fresh process, the Trainer's own setup and train_step,
+# per step process CPU seconds (user, system), minor page faults, RSS, live tensor bytes and subnormal values in the
+# trainable parameters and their optimizer states; optionally a torch profile of some steps.
+#   python benchmarks/step_time.py --probe --steps 6 --rounds 2 --variants lora,thanora,stats_only
+# Variants are interleaved per round (same batches: the sampler depends on train.seed only); the ratios printed are
+# paired per step (median over the steps after the warm-up) against the first variant.
+
+PROBE_VARIANTS = {
+    **VARIANTS,
+    "stats_only": ["thanora.mode=random", "thanora.allocation=scaled_softmax"],     # HASI statistics, no A written
+    # plain LoRA whose (unchanged) A and B are written once through HASI's ZeRO-safe write path (write_param)
+    "lora_written": VARIANTS["lora"],
+    # plain LoRA after one malloc/free of HASI's largest statistic (T x 1536 x 1536 fp32 = 28.3 MB on SmolLM2):
+    # raises glibc's dynamic mmap threshold as HASI does, nothing else
+    "lora_mmap28": VARIANTS["lora"],
+    # ThanoRA with HASI outside host_memory.hasi_heap_scope (as before the issue-14 heap fix)
+    "thanora_noscope": VARIANTS["thanora"],
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def _live_tensor_bytes() -> int:
+    import gc
+
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and not obj.is_meta:
+                storage = obj.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
+        except Exception:   # noqa: BLE001 - exotic objects in gc
+            pass
+    return total
+
+
+def _subnormals(tensors) -> tuple[int, int]:
+    tiny = torch.finfo(torch.float32).tiny
+    sub = total = 0
+    for t in tensors:
+        t = t.detach().float()
+        sub += int(((t != 0) & (t.abs() < tiny)).sum())
+        total += t.numel()
+    return sub, total
+
+
+def _trainer_state_tensors(trainer) -> dict[str, list[torch.Tensor]]:
+    """This rank's fp32 master partitions, their Adam states and the module's (partitioned) adapter values."""
+    opt = trainer.engine.optimizer
+    flat = list(getattr(opt, "fp32_partitioned_groups_flat", []))
+    states = [v for st in opt.optimizer.state.values() for v in st.values()
+              if isinstance(v, torch.Tensor) and v.dim() > 0]
+    from thanora_ds import distributed as D
+    params = [D.local_values(p) for p in trainer.trainable]
+    return {"fp32_master": flat, "adam_states": states, "module_params": params}
+
+
+def probe_child(variant: str, config: str, steps: int, out: Path, overrides: list[str], profile_steps: list[int],
+                flush_denormal: bool) -> dict:
+    import resource
+
+    from thanora_ds import distributed as D
+    from thanora_ds.train_config import load_train_config
+    from thanora_ds.trainer import Trainer
+
+    if flush_denormal:
+        torch.set_flush_denormal(True)
+    if variant == "thanora_noscope":
+        import contextlib
+
+        import thanora_ds.initializer as I
+        I.hasi_heap_scope = lambda *a, **k: contextlib.nullcontext(False)
+    cfg = load_train_config(config, [f"train.output_dir={out}", f"train.max_steps={steps}", "train.save_every=0",
+                                     "train.resume=never", "train.report_to=[]", *overrides,
+                                     *PROBE_VARIANTS[variant]])
+    trainer = Trainer(cfg)
+    t0 = time.process_time()
+    trainer.setup()
+    setup_cpu = time.process_time() - t0
+    if variant == "lora_written":
+        for adapter in trainer.adapters.values():
+            for param in (adapter.lora_A, adapter.lora_B):
+                D.write_param(param, D.full_tensor(param), src=0)
+    if variant == "lora_mmap28":
+        block = torch.empty(3 * 1536 * 1536, dtype=torch.float32)
+        del block
+        from thanora_ds.host_memory import trim_host_memory
+        trim_host_memory()
+    from thanora_ds.host_memory import heap_info, mmap_threshold
+    record = {"variant": variant, "setup_cpu_s": setup_cpu, "hasi_s": trainer.hasi_seconds,
+              "mmap_threshold_after_setup": mmap_threshold(), "heap_after_setup": heap_info(),
+              "rss_after_setup": _rss_bytes(), "live_after_setup": _live_tensor_bytes(), "steps": []}
+    record["subnormal_after_setup"] = {k: _subnormals(v) for k, v in _trainer_state_tensors(trainer).items()}
+    trainer.engine.train()
+    if cfg.train.eval_every and len(trainer.tasks) > 1 and trainer.adapters:
+        trainer.mechanism_summary()     # as Trainer.fit does before its first step
+    for step in range(1, steps + 1):
+        prof = None
+        if step in profile_steps:
+            from torch.profiler import ProfilerActivity, profile
+            prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+            prof.__enter__()
+        r0, c0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+        metrics = trainer.train_step()
+        r1, c1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+            (out.parent / f"profile-{variant}-step{step}.txt").write_text(table)
+        record["steps"].append({"step": step, "cpu_s": c1 - c0, "wall_s": w1 - w0, "user_s": r1.ru_utime - r0.ru_utime,
+                                "sys_s": r1.ru_stime - r0.ru_stime, "minflt": r1.ru_minflt - r0.ru_minflt,
+                                "rss": _rss_bytes(), "loss": metrics["loss"],
+                                "tokens": round(metrics["tokens_per_s"] * metrics["step_seconds"]),
+                                "heap": heap_info()})
+    record["mmap_threshold_end"] = mmap_threshold()
+    record["live_end"] = _live_tensor_bytes()
+    record["subnormal_end"] = {k: _subnormals(v) for k, v in _trainer_state_tensors(trainer).items()}
+    record["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    trainer.close()
+    D.shutdown()
+    return record
+
+
+def probe(config: str, steps: int, rounds: int, variants: list[str], overrides: list[str], profile_steps: str,
+          flush_denormal: bool, json_path: str) -> dict:
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(rounds):
+            for variant in variants:
+                out = Path(json_path).with_suffix("") if json_path else Path(tmp)
+                out.mkdir(parents=True, exist_ok=True)
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-one", variant, "--config", config,
+                       "--steps", str(steps), "--out", str(out / f"{variant}-{round_}"),
+                       "--profile-steps", profile_steps, *(["--flush-denormal"] if flush_denormal else []),
+                       *overrides]
+                proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{variant} failed:\n{proc.stderr[-4000:]}")
+                rec = json.loads(proc.stdout.split("PROBE ", 1)[1])
+                rec["round"] = round_
+                runs[variant].append(rec)
+                cpu = [s["cpu_s"] for s in rec["steps"]]
+                print(f"round {round_} {variant:12s} setup cpu {rec['setup_cpu_s']:.0f}s  cpu/step "
+                      + " ".join(f"{c:.2f}" for c in cpu) + "  sys/step "
+                      + " ".join(f"{s['sys_s']:.2f}" for s in rec["steps"])
+                      + f"  minflt/step {statistics.median([s['minflt'] for s in rec['steps']]):.0f}"
+                      + f"  RSS setup/end {rec['rss_after_setup'] / 1e9:.2f}/{rec['steps'][-1]['rss'] / 1e9:.2f} GB"
+                      + f"  live end {rec['live_end'] / 1e9:.2f} GB  mmap threshold setup/end "
+                      + f"{(rec['mmap_threshold_after_setup'] or 0) / 2**20:.1f}/{(rec['mmap_threshold_end'] or 0) / 2**20:.1f} MiB"
+                      + f"  heap arena/free end {rec['steps'][-1]['heap']['arena'] / 1e9:.2f}/"
+                      + f"{rec['steps'][-1]['heap']['fordblks'] / 1e9:.2f} GB  subnormal {rec['subnormal_end']}",
+                      flush=True)
+                if json_path:
+                    Path(json_path).write_text(json.dumps(runs, indent=1))
+    ref = variants[0]
+    # per step the cheaper round of each variant (same batches), then the median of the paired ratios
+    def best(v):
+        return [min(r["steps"][i]["cpu_s"] for r in runs[v]) for i in range(steps)]
+    base = best(ref)
+    for v in variants[1:]:
+        ratios = [a / b for a, b in zip(best(v)[WARMUP_STEPS:], base[WARMUP_STEPS:])]
+        print(f"CPU s per step {v} / {ref}: median {statistics.median(ratios):.3f}  per step "
+              + " ".join(f"{x:.3f}" for x in ratios))
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "demo_smollm2.yaml"))
@@ -206,12 +386,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default="", help="write the HASI rows to this JSON file")
+    parser.add_argument("--probe", action="store_true", help="in-process per-step CPU time / RSS probe (one process)")
+    parser.add_argument("--probe-one", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default="lora,thanora", help="--probe: variants of PROBE_VARIANTS, first = reference")
+    parser.add_argument("--profile-steps", default="", help="--probe: steps to run under the torch profiler, e.g. 4")
+    parser.add_argument("--flush-denormal", action="store_true", help="--probe: torch.set_flush_denormal(True)")
+    parser.add_argument("--out", default="", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides for every variant, e.g. data.preview_samples=16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.hasi_one:
         d_out, d_in = (int(x) for x in args.hasi_one.split("x"))
         print(json.dumps(hasi_one(d_out, d_in, args.hasi_routes, args.device, args.keep, args.repeats)))
+        return
+    if args.probe_one:
+        steps_p = [int(x) for x in args.profile_steps.split(",") if x]
+        rec = probe_child(args.probe_one, args.config, args.steps, Path(args.out), args.overrides, steps_p,
+                          args.flush_denormal)
+        print("PROBE " + json.dumps(rec), flush=True)
+        return
+    if args.probe:
+        probe(args.config, args.steps, args.rounds, args.variants.split(","), args.overrides, args.profile_steps,
+              args.flush_denormal, args.json)
         return
     if args.hasi_allocation:
         rows = hasi_allocation_by_route(args.config, args.hasi_routes.split(","), args.overrides)

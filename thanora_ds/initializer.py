@@ -14,6 +14,7 @@ With one process all of this degenerates to plain loops.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from . import distributed as D
 from .distributed import reset_zero3_trace
+from .host_memory import hasi_heap_scope, trim_host_memory
 from .adapter import ThanoraLinear
 from .config import ThanoraConfig
 from .models import family_of
@@ -183,10 +185,20 @@ class _StatisticsCollector:
             h.remove()
 
 
-@torch.no_grad()
 def run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraConfig, tasks: list[str],
              previews: PreviewFn, prefix_length: int, sample_counts: list[int] | None = None,
              groups_per_pass: int = 0, cache: StatisticsCache | None = None) -> Allocation:
+    """``_run_hasi`` inside ``hasi_heap_scope`` when it computes statistics (issue 14: HASI's working memory off
+    the heap that training reuses); a plain LoRA initialization (random, uniform) leaves malloc as it is."""
+    needs_statistics = not (cfg.mode == "random" and cfg.allocation == "uniform")
+    with hasi_heap_scope() if needs_statistics else contextlib.nullcontext():
+        return _run_hasi(model, adapters, cfg, tasks, previews, prefix_length, sample_counts, groups_per_pass, cache)
+
+
+@torch.no_grad()
+def _run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraConfig, tasks: list[str],
+              previews: PreviewFn, prefix_length: int, sample_counts: list[int] | None = None,
+              groups_per_pass: int = 0, cache: StatisticsCache | None = None) -> Allocation:
     """Initialize the adapters' task blocks from preview statistics and return the allocation.
 
     ``previews(t)`` yields this rank's share of task t's preview batches; ``prefix_length`` is the common
@@ -350,32 +362,6 @@ def subtract_corda_residual(adapter: ThanoraLinear, a0: torch.Tensor, b0: torch.
     with D.gathered([weight], modifier_rank=0), torch.no_grad():
         delta = adapter.scale * (b0.to(torch.float64) @ a0.to(torch.float64))
         weight.copy_((weight.to(torch.float64) - delta.to(weight.device)).to(weight.dtype))
-
-
-def trim_host_memory() -> bool:
-    """Give freed heap memory back to the OS (glibc ``malloc_trim``); on CUDA also empty torch's cache.
-
-    HASI allocates and frees gigabytes of statistics and fp64 decomposition workspaces in pieces of a few MB.
-    glibc raises its mmap threshold after the first large frees, so later pieces come from the heap, and the
-    freed heap stays in the process: on SmolLM2 (1 process) RSS after HASI was 5.2 GB with 0.56 GB of live
-    tensors, 1.2 GB after malloc_trim, as in a plain LoRA run. Returns whether the trim ran (glibc only)."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
-        trim = None
-    if trim is None:
-        return False
-    trim(0)
-    return True
 
 
 def release_after_hasi(engine) -> None:
