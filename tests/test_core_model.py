@@ -189,7 +189,12 @@ def test_bad_configs_fail_before_any_work_naming_the_key(kwargs, num_tasks, key)
     assert [n for n, _ in model.named_modules()] == before  # nothing was injected
 
 
-def test_spr_under_activation_checkpointing_counted_once_with_correct_gradients():
+def test_spr_under_activation_checkpointing_counted_once_with_correct_gradients(monkeypatch):
+    import thanora_ds.adapter as adapter_module
+
+    calls = []
+    penalty = adapter_module.spr_layer_penalty
+    monkeypatch.setattr(adapter_module, "spr_layer_penalty", lambda *a, **k: calls.append(1) or penalty(*a, **k))
     cfg = ThanoraConfig(rank=8, alpha=16, dropout=0.0, spr_lambda=0.5, spr_normalize=False)
     model, _, adapters, _, batches = setup(cfg)
     with torch.no_grad():
@@ -202,9 +207,12 @@ def test_spr_under_activation_checkpointing_counted_once_with_correct_gradients(
     results = []
     for m in (model, twin):
         m.train()
+        calls.clear()
         task_loss = m(**forward_batch(batch), labels=batch["labels"]).loss
         spr = spr_loss(thanora_modules(m).values())
         (task_loss + 0.5 * spr).backward()
+        # once per layer and step: the checkpointed re-forward during backward does not compute it again
+        assert len(calls) == len(adapters), (len(calls), len(adapters))
         grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
         results.append((task_loss.item(), spr.item(), grads))
     assert results[1][1] == pytest.approx(results[0][1], rel=1e-6) and results[0][1] > 0

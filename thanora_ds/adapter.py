@@ -12,8 +12,9 @@ buffers so that merge, export and resume can rebuild or undo it.
 
 SPR (``thanora_ds.spr``) is computed inside ``forward`` because that is where ZeRO-3 has gathered A and B:
 a loss term built there gets correct gradients on sharded parameters. Under activation checkpointing the
-forward runs again during backward; that re-run overwrites ``spr_value`` after the step's loss was already
-read, so the penalty enters the loss exactly once per forward pass.
+forward runs again during backward; the penalty is computed in the first forward only (its few small saved
+tensors are kept outside the checkpoint's hooks, so the re-forward can skip it), once per layer and step, and
+it enters the loss exactly once.
 """
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .spr import spr_layer_penalty
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _recomputing() -> bool:
+    """Inside a backward pass: a forward running now is activation checkpointing's re-forward."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
@@ -87,8 +97,13 @@ class ThanoraLinear(nn.Module):
         return self.scale * (self.lora_B @ self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spr_options is not None and torch.is_grad_enabled() and len(self.task_sizes) > 1:
-            self.spr_value = spr_layer_penalty(self.lora_A, self.lora_B, self.task_sizes, **self.spr_options)
+        if (self.spr_options is not None and torch.is_grad_enabled() and len(self.task_sizes) > 1
+                and not _recomputing()):
+            # its saved tensors bypass activation checkpointing's hooks: the penalty's backward needs no re-forward,
+            # and the re-forward (which runs inside backward) can skip it without shifting the checkpoint's
+            # saved-tensor order
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                self.spr_value = spr_layer_penalty(self.lora_A, self.lora_B, self.task_sizes, **self.spr_options)
         hidden = F.linear(self.dropout(x), self.lora_A)                      # [..., r]: the rank-space activations
         if self.route is not None:
             mask = self.route_mask(hidden)
