@@ -140,7 +140,9 @@ def family_of_path(path: str | Path, key: str = "model.path") -> Family:
 def family_of(model: nn.Module) -> Family:
     """The family of a loaded model (a DeepSpeed engine is unwrapped)."""
     model = getattr(model, "module", model)
-    return family_for(model.config.to_dict(), type(model).__name__)
+    config = model.config   # only what family_for reads (to_dict would copy the whole config at every batch)
+    return family_for({"model_type": config.model_type, "vision_config": getattr(config, "vision_config", None)},
+                      type(model).__name__)
 
 
 def projector(model: nn.Module) -> nn.Module | None:
