@@ -117,5 +117,21 @@ def launch(config: Path, nproc: int, *overrides: str, env_extra: dict | None = N
     return proc
 
 
+def run_probe(tmp: Path, script: str, timeout: int = 300) -> dict:
+    """Run ``script`` (a template with {repo} and {config}: a run config made by make_run) in a fresh process and
+    return the JSON it prints after ``RESULT``."""
+    import json
+    import subprocess
+    import sys
+
+    config = make_run(tmp, train__gradient_accumulation_steps=1)
+    path = tmp / "probe.py"
+    path.write_text(script.format(repo=str(REPO), config=str(config)))
+    proc = subprocess.run([sys.executable, str(path)], cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

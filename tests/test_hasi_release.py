@@ -4,12 +4,9 @@ Its preview forwards (no-grad, eval mode, outside the engine) made ZeRO-3 record
 parameter-fetch trace; the first training step invalidated it, the second re-recorded, and the slow first
 prefetching step landed one step later than in plain LoRA (inside the measured steps). After the fix the first
 training step records the trace, exactly as without HASI. One process, ZeRO-3, a tiny model (~20 s)."""
-import json
-import subprocess
-import sys
 import textwrap
 
-from run_fixtures import REPO, launch_env, make_run
+from run_fixtures import run_probe
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -45,13 +42,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_first_training_step_records_the_zero3_trace_after_hasi(tmp_path):
-    config = make_run(tmp_path, train__gradient_accumulation_steps=1)
-    script = tmp_path / "probe.py"
-    script.write_text(SCRIPT.format(repo=str(REPO), config=str(config)))
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=launch_env(), capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    result = run_probe(tmp_path, SCRIPT)
     assert result["reset"] is True           # HASI's previews had left a trace: the reset is not a no-op
     assert result["trimmed"] is True         # glibc: freed heap handed back
     # after setup nothing is traced; step 1 records (as in plain LoRA); from step 2 on ZeRO-3 prefetches by it

@@ -5,12 +5,9 @@ optimizer step updates, and both holding the written values. (A written paramete
 would cost a copy per step and memory beside the flat buffers.) Passes as the code is: the write path was measured
 and ruled out as a cause of the step gap (docs/performance.md section 3). One process, ZeRO-3, the tiny model,
 ~15 s."""
-import json
-import subprocess
-import sys
 import textwrap
 
-from run_fixtures import REPO, launch_env, make_run
+from run_fixtures import run_probe
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -39,13 +36,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_hasi_writes_stay_in_deepspeeds_flat_buffers(tmp_path):
-    config = make_run(tmp_path, train__gradient_accumulation_steps=1)
-    script = tmp_path / "probe.py"
-    script.write_text(SCRIPT.format(repo=str(REPO), config=str(config)))
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=launch_env(), capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    result = run_probe(tmp_path, SCRIPT)
     assert result["n"] > 0 and all(result["views"]), result
     assert result["same32"], result
     assert result["agree"] == 0.0, result
