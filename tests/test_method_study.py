@@ -82,7 +82,7 @@ def test_gamma_rule_match_lora_gives_plain_loras_initial_input_scale_on_a_model(
     batches = synthetic_batches(T)
     cfg = ThanoraConfig(rank=8, alpha=16, dropout=0.0, spr_lambda=0.0, gamma_rule="match_lora")
     model, adapters, _, prefix = _hasi(cfg, batches)
-    unit = ThanoraConfig(rank=8, alpha=16, dropout=0.0, spr_lambda=0.0)
+    unit = ThanoraConfig(rank=8, alpha=16, dropout=0.0, spr_lambda=0.0, gamma_rule="constant")
     model_u, adapters_u, _, _ = _hasi(unit, batches)
     matched = _input_energy(model, adapters, batches, prefix)
     plain = _input_energy(model_u, adapters_u, batches, prefix)

@@ -18,7 +18,8 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 @dataclass
 class ThanoraConfig:
-    """The method's settings (METHOD.md); defaults follow METHOD.md until the benchmark settles them."""
+    """The method's settings (METHOD.md); defaults follow METHOD.md except where the benchmarks settled them
+    (README, "Defaults and the runs behind them")."""
 
     rank: int = 16                      # r, total LoRA rank per target layer
     alpha: float = 32.0                 # s = alpha / r (rsLoRA: alpha / sqrt(r))
@@ -31,7 +32,7 @@ class ThanoraConfig:
     tau: float = 3.0
     min_rank: int = 1
     gamma: float = 1.0                  # scale of HASI's A blocks (times the rule's per-task gain)
-    gamma_rule: str = "constant"        # constant: unit rows * gamma; match_lora: plain LoRA's initial scale
+    gamma_rule: str = "match_lora"      # match_lora: plain LoRA's initial input scale (study); constant: unit rows
     spectrum: str = "weighted"          # weighted: W (C + delta I); covariance: C alone
     hasi_decomposition: str = "gram64"  # how K's spectrum is computed: gram64 | svd64 | gram32 | svd32 (hasi.py)
     exclude_system_turn: bool = True    # HASI statistics skip each record's own system turn (METHOD.md 2.2)
