@@ -131,3 +131,49 @@ def test_aggregate_mean_std_and_paired_delta(tmp_path):
     assert "0.450 ± 0.212" in text and "+0.150 ± 0.071" in text
     assert "| lora_lr1e-3 | lora | +0.100 ± 0.000 | +0.000 ± 0.000 | 2 |" in text   # paired comparisons table
     assert "| lora_lr1e-3 | thanora | -0.050 ± 0.071 |" in text
+
+
+def _llava_study():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("llava_study", REPO / "benchmarks" / "llava_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_llava_study_plans_the_sweep_then_the_selected_rates_and_pairs_seeds(tmp_path):
+    """benchmarks/llava_study.py's plan, selection rule, run config (through the real loader) and paired report,
+    on made-up results (its jobs themselves are the LLaVA demo's stage 2: benchmarks, not tests)."""
+    from thanora_ds.train_config import load_train_config
+
+    ls = _llava_study()
+    first = ls.plan({})
+    assert [ls.job_name(j) for j in first[:6]] == [f"{m}-lr0.001-seed{s}" for s in (0, 1, 2) for m in ("lora", "thanora")]
+    assert len(first) == 10 and all(j["seed"] == 0 for j in first[6:])   # then the rest of the sweep on seed 0
+    cfg = load_train_config(ls.CONFIG, ls.train_overrides(first[0], tmp_path / "w", tmp_path / "c", nproc=1))
+    assert (cfg.thanora.mode, cfg.thanora.spr_lambda, cfg.train.micro_batch_size, cfg.data.seed) == ("random", 0.0, 8, 0)
+    cfg = load_train_config(ls.CONFIG, ls.train_overrides({"method": "thanora", "lr": 3e-4, "seed": 2},
+                                                          tmp_path / "w", tmp_path / "c", nproc=2))
+    assert (cfg.thanora.gamma_rule, cfg.train.lr, cfg.train.projector_lr, cfg.train.seed) == ("match_lora", 3e-4, 3e-5, 2)
+
+    def result(method, lr, seed, loss, score):
+        tasks = {t: {"score": score, "loss": loss, "n": 10} for t in ls.TASKS}
+        return {"job": {"method": method, "lr": lr, "seed": seed}, "tasks": tasks, "commit": "x", "nproc": 2,
+                "seconds": 1.0, "name": ls.job_name({"method": method, "lr": lr, "seed": seed})}
+
+    losses = {("lora", 1e-3): 0.9, ("lora", 3e-4): 1.0, ("lora", 3e-3): 0.8,
+              ("thanora", 1e-3): 0.7, ("thanora", 3e-4): 0.95, ("thanora", 3e-3): 0.85}
+    runs = {r["name"]: r for (m, lr), loss in losses.items() for r in [result(m, lr, 0, loss, 0.5)]}
+    runs |= {r["name"]: r for s in (1, 2) for r in [result("lora", 3e-3, s, 0.8 + s / 100, 0.5),
+                                                    result("thanora", 1e-3, s, 0.7 + s / 50, 0.6)]}
+    assert ls.best_lr("lora", runs) == 3e-3 and ls.best_lr("thanora", runs) == 1e-3
+    names = [ls.job_name(j) for j in ls.plan(runs)]
+    # thanora's selected rate is the first one, already run on every seed; lora's adds its seeds 1-2 at 3e-3
+    assert names == [ls.job_name(j) for j in first] + ["lora-lr0.003-seed1", "lora-lr0.003-seed2"]
+    (tmp_path / "runs").mkdir()
+    ls.write_report(tmp_path, runs)
+    report = (tmp_path / "report.md").read_text()
+    section3 = report.split("## 3.")[1]
+    # paired at the selected rates: per seed thanora - lora = -0.1, -0.09, -0.08 in loss; 0, +0.1, +0.1 in score
+    assert "mean eval loss: -0.0900" in section3 and "per seed -0.1000, -0.0900, -0.0800" in section3
+    assert "image score: +0.067" in section3 and "(per seed +0.000, +0.100, +0.100)" in section3
