@@ -54,15 +54,24 @@ def start(config: Path, *overrides: str, fault: str = "") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(REPO / "launchers" / "train.py"), "--config", str(config), *overrides]
     env = dict(launch_env(), THANORA_FAULT=fault)
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a file, not a pipe: nobody reads a pipe while the run goes on, and ranks blocked on a full one would hang
+    log = config.parent / f"launch-{time.time_ns()}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    return proc.log.read_text(errors="replace")[-4000:]
 
 
 def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
     ckpt = out / "checkpoints" / f"step-{step:08d}" / "manifest.json"
     deadline = time.time() + timeout
     while not ckpt.is_file():
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.time() < deadline, "timeout"
+        assert proc.poll() is None, output(proc)
+        assert time.time() < deadline, f"timeout waiting for step {step}:\n{output(proc)}"
         time.sleep(0.2)
     time.sleep(1.0)  # the save is renamed into place; let the ranks reach the pause
 
@@ -83,11 +92,11 @@ def test_second_run_refused_orphans_stop_and_a_stale_lock_is_taken_over(straight
         assert f"host {lock['host']} pid {lock['pid']}" in second.stderr and lock["pid"] in [r.pid for r in ranks]
         # 2. the launcher dies (kill -9): its ranks notice, checkpoint and stop instead of training on
         os.kill(first.pid, signal.SIGKILL)
-        gone, alive = psutil.wait_procs(ranks, timeout=60)
-        assert not alive, "orphaned ranks kept running after their launcher died"
+        gone, alive = psutil.wait_procs(ranks, timeout=180)
+        assert not alive, f"orphaned ranks kept running after their launcher died:\n{output(first)}"
         assert not (out / ".thanora.lock").read_text().strip()  # released, not left stale
         status = json.loads((out / "status.json").read_text())
-        assert status["state"] == "stopped" and "launcher" in status["reason"] and status["step"] == 3
+        assert status["state"] == "stopped" and "launcher" in status["reason"] and status["step"] == 3, (status, output(first))
     finally:
         for p in [first.pid] + [r.pid for r in ranks if r.is_running()]:
             with contextlib.suppress(ProcessLookupError):
@@ -104,6 +113,25 @@ def test_second_run_refused_orphans_stop_and_a_stale_lock_is_taken_over(straight
     final = launch(config, 2)
     assert "taking over the lock of a run that is no longer running" in final.stderr, final.stderr[:3000]
     assert_same_run(out, straight[2])  # steps 1-3, 4 and 5-6 from three launches, each step once
+
+
+def test_a_stop_asked_of_one_rank_stops_all_and_is_recorded_with_its_reason(tmp_path):
+    """SIGUSR1 to rank 1 alone (a node's signal, one rank's launcher watch): every rank stops after the step, and
+    status.json gives that rank's reason, not rank 0's empty one."""
+    config = make_run(tmp_path, **EXACT)
+    out = tmp_path / "out"
+    run = start(config, fault="pause_after:2")
+    try:
+        wait_for_step(run, out, 2)
+        ranks = psutil.Process(run.pid).children()
+        rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGUSR1)
+        run.wait(timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(run.pid, signal.SIGKILL)
+    status = json.loads((out / "status.json").read_text())
+    assert (status["state"], status["step"], status["reason"]) == ("stopped", 2, "received SIGUSR1"), (status, output(run))
 
 
 @pytest.fixture(scope="module")
