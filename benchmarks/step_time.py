@@ -257,8 +257,19 @@ def _trainer_state_tensors(trainer) -> dict[str, list[torch.Tensor]]:
     return {"fp32_master": flat, "adam_states": states, "module_params": params}
 
 
+def _wait_for_parties(barrier: Path, variant: str, parties: int, timeout: float = 3600.0) -> None:
+    """--parallel: every variant of a round finishes its setup (HASI or not) before any of them steps."""
+    barrier.mkdir(parents=True, exist_ok=True)
+    (barrier / f"ready-{variant}").touch()
+    deadline = time.time() + timeout
+    while len(list(barrier.glob("ready-*"))) < parties:
+        if time.time() > deadline:
+            raise TimeoutError(f"{barrier}: the other variants of this round did not finish their setup")
+        time.sleep(0.5)
+
+
 def probe_child(variant: str, config: str, steps: int, out: Path, overrides: list[str], profile_steps: list[int],
-                flush_denormal: bool) -> dict:
+                flush_denormal: bool, barrier: Path | None = None, parties: int = 1) -> dict:
     import resource
 
     from thanora_ds import distributed as D
@@ -296,6 +307,8 @@ def probe_child(variant: str, config: str, steps: int, out: Path, overrides: lis
     trainer.engine.train()
     if cfg.train.eval_every and len(trainer.tasks) > 1 and trainer.adapters:
         trainer.mechanism_summary()     # as Trainer.fit does before its first step
+    if barrier is not None:
+        _wait_for_parties(barrier, variant, parties)
     for step in range(1, steps + 1):
         prof = None
         if step in profile_steps:
@@ -324,24 +337,43 @@ def probe_child(variant: str, config: str, steps: int, out: Path, overrides: lis
 
 
 def probe(config: str, steps: int, rounds: int, variants: list[str], overrides: list[str], profile_steps: str,
-          flush_denormal: bool, json_path: str) -> dict:
+          flush_denormal: bool, json_path: str, parallel: bool = False) -> dict:
+    """``parallel``: the variants of a round run at the same time, each pinned to its own core (the cores rotate
+    between rounds) and held after setup until all are set up, so that their steps share the same machine load:
+    a pairing in time where a shared machine's load changes faster than a run lasts."""
     import os
 
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
+    cores = sorted(os.sched_getaffinity(0))
+    if parallel and len(variants) > len(cores):
+        raise SystemExit(f"--parallel: {len(variants)} variants need as many cores, this process may use {len(cores)}")
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):
-            for variant in variants:
-                out = Path(json_path).with_suffix("") if json_path else Path(tmp)
-                out.mkdir(parents=True, exist_ok=True)
+            out = Path(json_path).with_suffix("") if json_path else Path(tmp)
+            out.mkdir(parents=True, exist_ok=True)
+            barrier = out / f"barrier-{round_}"
+
+            def command(i: int, variant: str) -> list[str]:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-one", variant, "--config", config,
                        "--steps", str(steps), "--out", str(out / f"{variant}-{round_}"),
                        "--profile-steps", profile_steps, *(["--flush-denormal"] if flush_denormal else []),
-                       *overrides]
-                proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"{variant} failed:\n{proc.stderr[-4000:]}")
-                rec = json.loads(proc.stdout.split("PROBE ", 1)[1])
+                       *([f"--barrier={barrier}", f"--parties={len(variants)}"] if parallel else []), *overrides]
+                return ["taskset", "-c", str(cores[(i + round_) % len(cores)]), *cmd] if parallel else cmd
+
+            launched = [(v, subprocess.Popen(command(i, v), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True))
+                        for i, v in enumerate(variants)] if parallel else []
+            for i, variant in enumerate(variants):
+                if parallel:
+                    stdout, stderr = dict(launched)[variant].communicate()
+                    returncode = dict(launched)[variant].returncode
+                else:
+                    proc = subprocess.run(command(i, variant), cwd=REPO, env=env, capture_output=True, text=True)
+                    stdout, stderr, returncode = proc.stdout, proc.stderr, proc.returncode
+                if returncode != 0:
+                    raise RuntimeError(f"{variant} failed:\n{stderr[-4000:]}")
+                rec = json.loads(stdout.split("PROBE ", 1)[1])
                 rec["round"] = round_
                 runs[variant].append(rec)
                 cpu = [s["cpu_s"] for s in rec["steps"]]
@@ -361,11 +393,18 @@ def probe(config: str, steps: int, rounds: int, variants: list[str], overrides: 
     # per step the cheaper round of each variant (same batches), then the median of the paired ratios
     def best(v):
         return [min(r["steps"][i]["cpu_s"] for r in runs[v]) for i in range(steps)]
+
+    def measured_cpu(rec: dict) -> float:
+        return sum(s["cpu_s"] for s in rec["steps"][WARMUP_STEPS:])
+
     base = best(ref)
     for v in variants[1:]:
         ratios = [a / b for a, b in zip(best(v)[WARMUP_STEPS:], base[WARMUP_STEPS:])]
+        per_round = [measured_cpu(a) / measured_cpu(b) for a, b in zip(runs[v], runs[ref])]
         print(f"CPU s per step {v} / {ref}: median {statistics.median(ratios):.3f}  per step "
-              + " ".join(f"{x:.3f}" for x in ratios))
+              + " ".join(f"{x:.3f}" for x in ratios) + f"  |  per round (sum of steps {WARMUP_STEPS + 1}-{steps}, "
+              + "paired by round) " + " ".join(f"{x:.3f}" for x in per_round)
+              + f"  median {statistics.median(per_round):.3f}")
     return runs
 
 
@@ -391,6 +430,10 @@ def main() -> None:
     parser.add_argument("--variants", default="lora,thanora", help="--probe: variants of PROBE_VARIANTS, first = reference")
     parser.add_argument("--profile-steps", default="", help="--probe: steps to run under the torch profiler, e.g. 4")
     parser.add_argument("--flush-denormal", action="store_true", help="--probe: torch.set_flush_denormal(True)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="--probe: the variants of a round run at once, one core each (pairing in time)")
+    parser.add_argument("--barrier", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--parties", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides for every variant, e.g. data.preview_samples=16")
     args = parser.parse_args()
@@ -402,12 +445,12 @@ def main() -> None:
     if args.probe_one:
         steps_p = [int(x) for x in args.profile_steps.split(",") if x]
         rec = probe_child(args.probe_one, args.config, args.steps, Path(args.out), args.overrides, steps_p,
-                          args.flush_denormal)
+                          args.flush_denormal, Path(args.barrier) if args.barrier else None, args.parties)
         print("PROBE " + json.dumps(rec), flush=True)
         return
     if args.probe:
         probe(args.config, args.steps, args.rounds, args.variants.split(","), args.overrides, args.profile_steps,
-              args.flush_denormal, args.json)
+              args.flush_denormal, args.json, args.parallel)
         return
     if args.hasi_allocation:
         rows = hasi_allocation_by_route(args.config, args.hasi_routes.split(","), args.overrides)
