@@ -131,7 +131,8 @@ def plan(runs: dict) -> list[dict]:
 
 def write_report(results: Path, runs: dict) -> None:
     def row(label: str, rs: list[dict]) -> str:
-        cells = [fmt(interval([r["tasks"][t]["score"] for r in rs])) for t in TASKS]
+        cells = [fmt(interval([r["tasks"][t]["score"] for r in rs])) + " / "
+                 + fmt(interval([r["tasks"][t]["loss"] for r in rs])) for t in TASKS]
         return (f"| {label} | {len(rs)} | " + " | ".join(cells) + " | "
                 + " | ".join(fmt(interval([mean_of(r, k, ts) for r in rs]), 4 if k == "loss" else 3)
                              for k, ts in (("score", IMAGE_TASKS), ("score", TEXT_TASKS), ("loss", TASKS))) + " |")
@@ -148,7 +149,7 @@ def write_report(results: Path, runs: dict) -> None:
                        f"(per seed {', '.join(f'{d:+.{digits}f}' for d in diffs)})")
         return ["", f"ThanoRA − LoRA, paired over seeds {seeds}:", *out]
 
-    header = ("| method | seeds | " + " | ".join(f"{t} score" for t in TASKS)
+    header = ("| method | seeds | " + " | ".join(f"{t} score / loss" for t in TASKS)
               + " | image mean | text mean | mean eval loss |\n|---|---:|" + "---:|" * (len(TASKS) + 3))
     lines = ["# Method study on the image + text mixture (benchmarks/llava_study.py)", "",
              f"Rebuilt {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {len(runs)} finished jobs; commits "
