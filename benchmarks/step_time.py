@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -353,6 +354,7 @@ def probe(config: str, steps: int, rounds: int, variants: list[str], overrides: 
             out = Path(json_path).with_suffix("") if json_path else Path(tmp)
             out.mkdir(parents=True, exist_ok=True)
             barrier = out / f"barrier-{round_}"
+            shutil.rmtree(barrier, ignore_errors=True)   # an earlier invocation's ready files must not count
 
             def command(i: int, variant: str) -> list[str]:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-one", variant, "--config", config,
@@ -361,13 +363,16 @@ def probe(config: str, steps: int, rounds: int, variants: list[str], overrides: 
                        *([f"--barrier={barrier}", f"--parties={len(variants)}"] if parallel else []), *overrides]
                 return ["taskset", "-c", str(cores[(i + round_) % len(cores)]), *cmd] if parallel else cmd
 
-            launched = [(v, subprocess.Popen(command(i, v), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, text=True))
-                        for i, v in enumerate(variants)] if parallel else []
+            # files, not pipes: a child blocked on a full pipe while another is waited for would stall both
+            logs = {v: (out / f"{v}-{round_}.stdout", out / f"{v}-{round_}.stderr") for v in variants}
+            launched = {}
+            for i, v in enumerate(variants if parallel else []):
+                with open(logs[v][0], "w") as o, open(logs[v][1], "w") as e:
+                    launched[v] = subprocess.Popen(command(i, v), cwd=REPO, env=env, stdout=o, stderr=e, text=True)
             for i, variant in enumerate(variants):
                 if parallel:
-                    stdout, stderr = dict(launched)[variant].communicate()
-                    returncode = dict(launched)[variant].returncode
+                    returncode = launched[variant].wait()
+                    stdout, stderr = (f.read_text(errors="replace") for f in logs[variant])
                 else:
                     proc = subprocess.run(command(i, variant), cwd=REPO, env=env, capture_output=True, text=True)
                     stdout, stderr, returncode = proc.stdout, proc.stderr, proc.returncode
