@@ -147,6 +147,10 @@ def test_llava_study_plans_the_sweep_then_the_selected_rates_and_pairs_seeds(tmp
     from thanora_ds.train_config import load_train_config
 
     ls = _llava_study()
+    # the stage-1 model (scripts/demo_llava.sh --stage1-only) is not in a fresh checkout: a stand-in folder
+    ls.BASE = tmp_path / "stage1_merged"
+    ls.BASE.mkdir()
+    (ls.BASE / "config.json").write_text(json.dumps({"model_type": "llava"}))
     first = ls.plan({})
     assert [ls.job_name(j) for j in first[:6]] == [f"{m}-lr0.001-seed{s}" for s in (0, 1, 2) for m in ("lora", "thanora")]
     assert len(first) == 10 and all(j["seed"] == 0 for j in first[6:])   # then the rest of the sweep on seed 0

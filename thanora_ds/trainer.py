@@ -581,9 +581,11 @@ class Trainer:
             bar.close()
         if self.step >= self.max_steps:
             self.write_final_adapter()
-        # a stop one rank was asked for (its signal, its launcher watch) stopped every rank: record its reason
-        reason = next((r for r in D.all_gather_objects(self.stop.reason) if r), "")
-        self.write_status("finished" if self.step >= self.max_steps else "stopped", reason)
+        finished = self.step >= self.max_steps
+        reason = self.stop.reason
+        if not finished:   # a stop one rank was asked for (its signal, its launcher watch) stopped every rank
+            reason = next((r for r in D.all_gather_objects(reason) if r), "")
+        self.write_status("finished" if finished else "stopped", reason)
         return self.step
 
     def write_status(self, state: str, reason: str = "") -> None:
