@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from quality import git_commit  # noqa: E402
 from step_time import launch_command  # noqa: E402
+from study import load_results  # noqa: E402
 from study_report import fmt, interval  # noqa: E402
 
 CONFIG = REPO / "configs" / "llava_demo_stage2.yaml"
@@ -105,10 +106,6 @@ def run_job(job: dict, work: Path, cache: Path, nproc: int, result_path: Path, e
 
 # ------------------------------------------------------------------------------------------------------------
 # The plan and the report
-
-def load_results(results: Path) -> dict[str, dict]:
-    return {r["name"]: r for r in (json.loads(f.read_text()) for f in sorted((results / "runs").glob("*.json")))}
-
 
 def mean_of(r: dict, key: str, tasks: list[str] = TASKS) -> float:
     return sum(r["tasks"][t][key] for t in tasks) / len(tasks)

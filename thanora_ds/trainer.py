@@ -579,9 +579,9 @@ class Trainer:
             self.save()
         if bar is not None:
             bar.close()
-        if self.step >= self.max_steps:
-            self.write_final_adapter()
         finished = self.step >= self.max_steps
+        if finished:
+            self.write_final_adapter()
         reason = self.stop.reason
         if not finished:   # a stop one rank was asked for (its signal, its launcher watch) stopped every rank
             reason = next((r for r in D.all_gather_objects(reason) if r), "")
