@@ -212,6 +212,9 @@ PROBE_VARIANTS = {
     "lora_mmap28": VARIANTS["lora"],
     # ThanoRA with HASI outside host_memory.hasi_heap_scope (as before the issue-14 heap fix)
     "thanora_noscope": VARIANTS["thanora"],
+    # plain LoRA that enters and leaves hasi_heap_scope and runs release_after_hasi, with no HASI work in between:
+    # the allocator settings and the trim HASI leaves, nothing else
+    "lora_scope": VARIANTS["lora"],
 }
 
 
@@ -271,6 +274,7 @@ def _wait_for_parties(barrier: Path, variant: str, parties: int, timeout: float 
 
 def probe_child(variant: str, config: str, steps: int, out: Path, overrides: list[str], profile_steps: list[int],
                 flush_denormal: bool, barrier: Path | None = None, parties: int = 1) -> dict:
+    import os
     import resource
 
     from thanora_ds import distributed as D
@@ -295,6 +299,12 @@ def probe_child(variant: str, config: str, steps: int, out: Path, overrides: lis
         for adapter in trainer.adapters.values():
             for param in (adapter.lora_A, adapter.lora_B):
                 D.write_param(param, D.full_tensor(param), src=0)
+    if variant == "lora_scope":
+        from thanora_ds.host_memory import hasi_heap_scope
+        from thanora_ds.initializer import release_after_hasi
+        with hasi_heap_scope():
+            pass
+        release_after_hasi(trainer.engine)
     if variant == "lora_mmap28":
         block = torch.empty(3 * 1536 * 1536, dtype=torch.float32)
         del block
@@ -310,6 +320,10 @@ def probe_child(variant: str, config: str, steps: int, out: Path, overrides: lis
         trainer.mechanism_summary()     # as Trainer.fit does before its first step
     if barrier is not None:
         _wait_for_parties(barrier, variant, parties)
+    perf_ctl = os.environ.get("THANORA_PERF_CTL")       # --perf: the sampled profile covers the steps only
+    if perf_ctl:
+        with open(perf_ctl, "w") as ctl:
+            ctl.write("enable\n")
     for step in range(1, steps + 1):
         prof = None
         if step in profile_steps:
@@ -328,6 +342,9 @@ def probe_child(variant: str, config: str, steps: int, out: Path, overrides: lis
                                 "rss": _rss_bytes(), "loss": metrics["loss"],
                                 "tokens": round(metrics["tokens_per_s"] * metrics["step_seconds"]),
                                 "heap": heap_info()})
+    if perf_ctl:
+        with open(perf_ctl, "w") as ctl:
+            ctl.write("disable\n")
     record["mmap_threshold_end"] = mmap_threshold()
     record["live_end"] = _live_tensor_bytes()
     record["subnormal_end"] = {k: _subnormals(v) for k, v in _trainer_state_tensors(trainer).items()}
@@ -338,7 +355,7 @@ def probe_child(variant: str, config: str, steps: int, out: Path, overrides: lis
 
 
 def probe(config: str, steps: int, rounds: int, variants: list[str], overrides: list[str], profile_steps: str,
-          flush_denormal: bool, json_path: str, parallel: bool = False) -> dict:
+          flush_denormal: bool, json_path: str, parallel: bool = False, perf: bool = False) -> dict:
     """``parallel``: the variants of a round run at the same time, each pinned to its own core (the cores rotate
     between rounds) and held after setup until all are set up, so that their steps share the same machine load:
     a pairing in time where a shared machine's load changes faster than a run lasts."""
@@ -361,20 +378,30 @@ def probe(config: str, steps: int, rounds: int, variants: list[str], overrides: 
                        "--steps", str(steps), "--out", str(out / f"{variant}-{round_}"),
                        "--profile-steps", profile_steps, *(["--flush-denormal"] if flush_denormal else []),
                        *([f"--barrier={barrier}", f"--parties={len(variants)}"] if parallel else []), *overrides]
+                if perf:   # whole process, kernel included (page faults, allocator), steps only (THANORA_PERF_CTL)
+                    ctl = out / f"{variant}-{round_}.perfctl"
+                    if not ctl.exists():
+                        os.mkfifo(ctl)
+                    cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "-g", "--delay=-1",
+                           f"--control=fifo:{ctl}", "-o", str(out / f"{variant}-{round_}.perf.data"), *cmd]
                 return ["taskset", "-c", str(cores[(i + round_) % len(cores)]), *cmd] if parallel else cmd
 
             # files, not pipes: a child blocked on a full pipe while another is waited for would stall both
             logs = {v: (out / f"{v}-{round_}.stdout", out / f"{v}-{round_}.stderr") for v in variants}
             launched = {}
+            envs = {v: dict(env, **({"THANORA_PERF_CTL": str(out / f"{v}-{round_}.perfctl")} if perf else {}))
+                    for v in variants}
             for i, v in enumerate(variants if parallel else []):
                 with open(logs[v][0], "w") as o, open(logs[v][1], "w") as e:
-                    launched[v] = subprocess.Popen(command(i, v), cwd=REPO, env=env, stdout=o, stderr=e, text=True)
+                    launched[v] = subprocess.Popen(command(i, v), cwd=REPO, env=envs[v], stdout=o, stderr=e,
+                                                   text=True)
             for i, variant in enumerate(variants):
                 if parallel:
                     returncode = launched[variant].wait()
                     stdout, stderr = (f.read_text(errors="replace") for f in logs[variant])
                 else:
-                    proc = subprocess.run(command(i, variant), cwd=REPO, env=env, capture_output=True, text=True)
+                    proc = subprocess.run(command(i, variant), cwd=REPO, env=envs[variant], capture_output=True,
+                                          text=True)
                     stdout, stderr, returncode = proc.stdout, proc.stderr, proc.returncode
                 if returncode != 0:
                     raise RuntimeError(f"{variant} failed:\n{stderr[-4000:]}")
@@ -437,6 +464,8 @@ def main() -> None:
     parser.add_argument("--flush-denormal", action="store_true", help="--probe: torch.set_flush_denormal(True)")
     parser.add_argument("--parallel", action="store_true",
                         help="--probe: the variants of a round run at once, one core each (pairing in time)")
+    parser.add_argument("--perf", action="store_true",
+                        help="--probe: each variant under `perf record -e cpu-clock -g`, the steps only (<out>/*.perf.data)")
     parser.add_argument("--barrier", default="", help=argparse.SUPPRESS)
     parser.add_argument("--parties", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -455,7 +484,7 @@ def main() -> None:
         return
     if args.probe:
         probe(args.config, args.steps, args.rounds, args.variants.split(","), args.overrides, args.profile_steps,
-              args.flush_denormal, args.json, args.parallel)
+              args.flush_denormal, args.json, args.parallel, args.perf)
         return
     if args.hasi_allocation:
         rows = hasi_allocation_by_route(args.config, args.hasi_routes.split(","), args.overrides)

@@ -384,20 +384,46 @@ def init_distributed(settings) -> None:
 
 
 def reset_zero3_trace(engine) -> bool:
-    """Forget the parameter-fetch trace ZeRO-3 recorded during HASI's preview forwards.
+    """Forget the parameter-fetch trace ZeRO-3 recorded during forwards that are not training steps (HASI's
+    previews, an evaluation), and the release decisions derived from it.
 
     The coordinator records the module order of the first forward(+backward) after each reset and then
     prefetches by it. HASI's no-grad, eval-mode previews (outside the engine) leave a COMPLETE trace of a
     forward-only pass; the first training step invalidates it half-way, the second re-records, and only the third
     runs with a training trace, so the slow first prefetching step (seconds on CPU, measured in
     docs/performance.md) falls one step later than in a plain LoRA run. Invalidated here, the first training step
-    records, exactly as without HASI. Returns whether a trace was reset. Collective-free, same on every rank."""
+    records, exactly as without HASI.
+
+    Invalidating is not enough: the coordinator memoizes which parameters a module may release at a trace step
+    (``__params_to_release``, an unbounded ``functools.lru_cache`` keyed by coordinator, module and step) and
+    DeepSpeed (0.19.8) never clears it when the trace changes. Under a forward-only trace a layer's weights are
+    released after its forward; a training trace keeps them for activation checkpointing's re-forward. With the
+    stale answers every training step after HASI released and re-gathered every weight once more (2 ranks,
+    tiny LLaMA: 114 instead of 65 parameters all-gathered per step, steps 1.2-1.5x slower; docs/performance.md
+    section 3). Returns whether a trace was reset. Collective-free, same on every rank."""
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
     coordinator = offload.get_param_coordinator() if offload is not None else None
-    if coordinator is None or not hasattr(coordinator, "_invalidate_trace") or coordinator.is_invalid_trace():
+    if coordinator is None or not hasattr(coordinator, "_invalidate_trace"):
+        return False
+    cache = zero3_release_cache(type(coordinator))
+    if cache is not None:
+        cache.cache_clear()
+    if coordinator.is_invalid_trace():
         return False
     coordinator._invalidate_trace()
     return True
+
+
+def zero3_release_cache(coordinator_class):
+    """The ``functools.lru_cache`` behind ``PartitionedParameterCoordinator.__params_to_release`` (wrapped by
+    DeepSpeed's ``instrument_w_nvtx``, which keeps it in its closure), or None where this DeepSpeed has none."""
+    fn = getattr(coordinator_class, f"_{coordinator_class.__name__}__params_to_release", None)
+    for _ in range(4):   # a few wrapper layers at most
+        if fn is None or hasattr(fn, "cache_clear"):
+            return fn
+        inner = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)]
+        fn = getattr(fn, "__wrapped__", None) or (inner[0] if len(inner) == 1 else None)
+    return None
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], stage: int) -> float:
