@@ -65,7 +65,7 @@ VARIANTS = {"thanora_routed": ({"gamma_rule": "match_lora", "task_routing": True
                                "ThanoRA + task routing in training (each sample: its block + shared; all merged)")}
 LRS = {"lora": [1e-3, 3e-4, 3e-3], "thanora": [1e-3, 3e-4, 3e-3], "thanora_unit": [3e-4, 1e-4]}   # first: run first
 SWEPT = ["lora", "thanora"]   # the main comparison; thanora_unit (the earlier default) is a reference row
-LAMBDAS = [0.0, 1e-1, 1e-2, 1.0]     # besides the default 1e-3 of the sweep; the first two run first
+LAMBDAS = [0.0, 1e-1, 1e-2, 1.0, 10.0, 100.0]     # besides the default 1e-3 of the sweep; the first two run first
 SEEDS = [0, 1, 2]
 EVAL_RECORDS = 100
 TRAIN_RECORDS = 100   # per task, besides its previews: one epoch is 4 x 100 / 8 = 50 steps (2 CPU cores)

@@ -47,3 +47,50 @@ def test_first_training_step_records_the_zero3_trace_after_hasi(tmp_path):
     assert result["trimmed"] is True         # glibc: freed heap handed back
     # after setup nothing is traced; step 1 records (as in plain LoRA); from step 2 on ZeRO-3 prefetches by it
     assert result["modes"] == ["invalid", "record", "complete"], result["modes"]
+
+
+GATHER_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {repo!r})
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as PPC
+    import thanora_ds.distributed as D
+    from thanora_ds.train_config import load_train_config
+    from thanora_ds.trainer import Trainer
+
+    overrides, keep_cache = %s, %s
+    if not keep_cache:            # DeepSpeed's behaviour without the fix: the memoized release decisions survive
+        D.zero3_release_cache = lambda coordinator_class: None
+    gathered = [0]
+    original = PPC._PartitionedParameterCoordinator__all_gather_params
+    def counting(self, params, forward):
+        gathered[0] += len(params)
+        return original(self, params, forward)
+    PPC._PartitionedParameterCoordinator__all_gather_params = counting
+
+    tr = Trainer(load_train_config({config!r}, ["train.max_steps=3", "train.report_to=[]", *overrides]))
+    tr.setup()
+    tr.engine.train()
+    per_step = []
+    for _ in range(3):
+        gathered[0] = 0
+        tr.train_step()
+        per_step.append(gathered[0])
+    print("RESULT", json.dumps(per_step))
+""")
+PLAIN_LORA = ["thanora.mode=random", "thanora.allocation=uniform", "thanora.spr_lambda=0"]
+STATISTICS_ONLY = ["thanora.mode=random", "thanora.allocation=scaled_softmax", "thanora.spr_lambda=0"]
+
+
+def test_training_steps_after_hasi_gather_what_plain_lora_gathers(tmp_path):
+    """HASI's previews made ZeRO-3 memoize forward-only release decisions; without clearing them every training step
+    re-gathered the weights for activation checkpointing's re-forward (issue 14's step gap). Plain LoRA's init and
+    HASI's statistics-only init (same adapters, same batches) must all-gather the same parameters per step."""
+    def gathers(name, overrides, keep_cache=True):
+        (tmp_path / name).mkdir()
+        return run_probe(tmp_path / name, GATHER_SCRIPT % (repr(overrides), keep_cache))
+
+    lora = gathers("lora", PLAIN_LORA)
+    after_hasi = gathers("hasi", STATISTICS_ONLY)
+    stale = gathers("stale", STATISTICS_ONLY, keep_cache=False)
+    assert after_hasi[1:] == lora[1:], (after_hasi, lora)     # step 1 records the trace: from step 2 on prefetching
+    assert all(s > p for s, p in zip(stale[1:], lora[1:])), (stale, lora)   # the test can fail: the bug is visible
