@@ -212,6 +212,8 @@ PROBE_VARIANTS = {
     "lora_mmap28": VARIANTS["lora"],
     # ThanoRA with HASI outside host_memory.hasi_heap_scope (as before the issue-14 heap fix)
     "thanora_noscope": VARIANTS["thanora"],
+    # the statistics-only init with HASI on the caller's thread (as before host_memory.in_own_arena)
+    "stats_noarena": ["thanora.mode=random", "thanora.allocation=scaled_softmax"],
     # plain LoRA that enters and leaves hasi_heap_scope and runs release_after_hasi, with no HASI work in between:
     # the allocator settings and the trim HASI leaves, nothing else
     "lora_scope": VARIANTS["lora"],
@@ -283,6 +285,9 @@ def probe_child(variant: str, config: str, steps: int, out: Path, overrides: lis
 
     if flush_denormal:
         torch.set_flush_denormal(True)
+    if variant == "stats_noarena":
+        import thanora_ds.initializer as I
+        I.in_own_arena = lambda fn, *a, **k: fn(*a, **k)
     if variant == "thanora_noscope":
         import contextlib
 

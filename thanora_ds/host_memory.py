@@ -140,3 +140,33 @@ def hasi_heap_scope(threshold: int = HASI_MMAP_THRESHOLD):
         libc = _libc()
         if libc is not None:
             libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX)
+
+
+def in_own_arena(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on a fresh thread, so that glibc serves its allocations from a malloc arena of its own.
+
+    HASI's pieces below ``hasi_heap_scope``'s threshold (small tensors, Python objects, per-layer temporaries) still
+    entered the main heap between allocations that outlive HASI, and the heap's free chunks then let RSS grow during
+    training (one process, SmolLM2, statistics-only init: 0.4 GB more free heap than plain LoRA after 7 steps). A new
+    thread gets a new arena (glibc's per-thread arenas); what HASI frees there is never mixed into the main heap that
+    the training steps reuse. The CUDA device is per thread: the caller's is set on the new one. Exceptions propagate;
+    the thread is a daemon so that a signal that ends the main thread does not wait for it."""
+    import threading
+
+    result: dict = {}
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+
+    def target():
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as err:   # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target, name="hasi", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

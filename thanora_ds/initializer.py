@@ -14,7 +14,6 @@ With one process all of this degenerates to plain loops.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from . import distributed as D
 from .distributed import reset_zero3_trace
-from .host_memory import hasi_heap_scope, trim_host_memory
+from .host_memory import hasi_heap_scope, in_own_arena, trim_host_memory
 from .adapter import ThanoraLinear
 from .config import ThanoraConfig
 from .models import family_of
@@ -188,11 +187,15 @@ class _StatisticsCollector:
 def run_hasi(model: nn.Module, adapters: dict[str, ThanoraLinear], cfg: ThanoraConfig, tasks: list[str],
              previews: PreviewFn, prefix_length: int, sample_counts: list[int] | None = None,
              groups_per_pass: int = 0, cache: StatisticsCache | None = None) -> Allocation:
-    """``_run_hasi`` inside ``hasi_heap_scope`` when it computes statistics (issue 14: HASI's working memory off
-    the heap that training reuses); a plain LoRA initialization (random, uniform) leaves malloc as it is."""
+    """``_run_hasi`` inside ``hasi_heap_scope`` and on a thread of its own (its own malloc arena) when it computes
+    statistics (issue 14: HASI's working memory off the heap that training reuses); a plain LoRA initialization
+    (random, uniform) leaves malloc as it is."""
     needs_statistics = not (cfg.mode == "random" and cfg.allocation == "uniform")
-    with hasi_heap_scope() if needs_statistics else contextlib.nullcontext():
+    if not needs_statistics:
         return _run_hasi(model, adapters, cfg, tasks, previews, prefix_length, sample_counts, groups_per_pass, cache)
+    with hasi_heap_scope():
+        return in_own_arena(_run_hasi, model, adapters, cfg, tasks, previews, prefix_length, sample_counts,
+                            groups_per_pass, cache)
 
 
 @torch.no_grad()
