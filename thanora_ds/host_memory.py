@@ -148,8 +148,8 @@ def in_own_arena(fn, *args, **kwargs):
     HASI's pieces below ``hasi_heap_scope``'s threshold (small tensors, Python objects, per-layer temporaries) still
     entered the main heap between allocations that outlive HASI, and the heap's free chunks then let RSS grow during
     training (one process, SmolLM2, statistics-only init: 0.4 GB more free heap than plain LoRA after 7 steps). A new
-    thread gets a new arena (glibc's per-thread arenas); what HASI frees there is never mixed into the main heap that
-    the training steps reuse. The CUDA device is per thread: the caller's is set on the new one. Exceptions propagate;
+    thread gets a new arena while glibc's limit allows (8 per core; beyond it threads share arenas, as before this
+    change); what HASI frees there is never mixed into the main heap that the training steps reuse. The CUDA device is per thread: the caller's is set on the new one. Exceptions propagate;
     the thread is a daemon so that a signal that ends the main thread does not wait for it."""
     import threading
 
