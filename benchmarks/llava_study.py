@@ -84,6 +84,8 @@ def run_job(job: dict, work: Path, cache: Path, nproc: int, result_path: Path, e
     if not finished(work):
         step(launch_command([str(REPO / "launchers" / "train.py"), "--config", str(CONFIG),
                              *train_overrides(job, work, cache, nproc)], nproc))
+        if not finished(work):   # stopped early (a signal, the parent gone) exits 0: resume it, never score it
+            raise SystemExit(f"{work}: training stopped before its last step; rerun to resume it")
     t_train = time.time() - t0
     merged, eval_dir = work / "merged", work / "eval"
     if not (eval_dir / "eval.json").is_file():
