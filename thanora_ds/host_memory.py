@@ -2,8 +2,8 @@
 
 HASI allocates and frees gigabytes in pieces of a few MB; glibc keeps freed heap memory in the process and,
 after the first large frees, serves such pieces from its main heap. ``trim_host_memory`` gives the freed heap
-back after HASI; ``hasi_heap_scope`` keeps HASI's pieces out of the heap in the first place (issue 14,
-docs/performance.md section 3). The glibc calls go through ctypes; elsewhere (musl, macOS) they are no-ops.
+back after HASI; ``hasi_heap_scope`` keeps HASI's pieces out of the heap in the first place and ``in_own_arena``
+runs HASI in a malloc arena of its own (issue 14, docs/performance.md sections 2 and 3). The glibc calls go through ctypes; elsewhere (musl, macOS) they are no-ops.
 """
 from __future__ import annotations
 
